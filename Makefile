@@ -1,0 +1,25 @@
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: install test bench clean
+
+$(VENV)/.installed: pyproject.toml requirements.txt requirements-convert.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	# torch (CPU) goes in before anything that could pull a CUDA build of it.
+	$(PY) -m pip install -r requirements-convert.txt -r requirements.txt
+	$(PY) -m pip install -e ".[convert,test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(PY) benchmarks/bench_backbones.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,403 @@
+"""Building blocks shared by the CLIP, DINOv2 and LLaMA towers.
+
+Every parameter carries logical axis names (`nn.with_logical_partitioning`); `ferret_jax.sharding`
+maps them onto the mesh. Logical names used here:
+
+  embed     model width D                 mlp       MLP hidden width F
+  heads     query heads H                 kv_heads  key/value heads Hkv
+  head_dim  per-head width Dh             vocab     vocabulary V
+  layers    the stacked axis added by nn.scan
+  patch     conv kernel spatial / input-channel dims (never sharded)
+  pos       position-table rows (never sharded)
+
+Shapes in docstrings: B batch, L sequence, D width, H heads, Dh head width.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def partitioned(init: Initializer, names: tuple[str | None, ...]) -> Initializer:
+    return nn.with_logical_partitioning(init, names)
+
+
+# ----------------------------------------------------------------------------------------------
+# Activations
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+    """CLIP's x * sigmoid(1.702 x)."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "quick_gelu": quick_gelu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),  # torch's default (erf) form
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "silu": jax.nn.silu,
+    "relu": jax.nn.relu,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Norms
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last axis, statistics in fp32. `[..., D] -> [..., D]`."""
+
+    eps: float = 1e-5
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        scale = self.param("scale", partitioned(nn.initializers.ones, ("embed",)), (d,), jnp.float32)
+        bias = self.param("bias", partitioned(nn.initializers.zeros, ("embed",)), (d,), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
+        return y.astype(self.dtype)
+
+
+class RMSNorm(nn.Module):
+    """LLaMA RMSNorm as HF computes it: normalize in fp32, cast, then scale. `[..., D]`."""
+
+    eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        scale = self.param("scale", partitioned(nn.initializers.ones, ("embed",)), (d,), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + self.eps)
+        return (scale * y.astype(self.dtype)).astype(self.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Linear layers with logical axes
+
+
+class Dense(nn.Module):
+    """`x @ W + b` over the last axis with named axes. `[..., Din] -> [..., features]`."""
+
+    features: int
+    axes: tuple[str | None, str | None]
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    kernel_init: Initializer = nn.initializers.lecun_normal()
+    bias_init: Initializer = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param(
+            "kernel", partitioned(self.kernel_init, self.axes), (x.shape[-1], self.features), jnp.float32
+        )
+        y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param("bias", partitioned(self.bias_init, self.axes[1:]), (self.features,), jnp.float32)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class HeadsProjection(nn.Module):
+    """Projects to per-head vectors. `[B, L, D] -> [B, L, heads, head_dim]`."""
+
+    heads: int
+    head_dim: int
+    heads_axis: str = "heads"
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    kernel_init: Initializer = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = (x.shape[-1], self.heads, self.head_dim)
+        kernel = self.param(
+            "kernel", partitioned(self.kernel_init, ("embed", self.heads_axis, "head_dim")), shape, jnp.float32
+        )
+        y = jnp.einsum("bld,dhk->blhk", x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param(
+                "bias",
+                partitioned(nn.initializers.zeros, (self.heads_axis, "head_dim")),
+                shape[1:],
+                jnp.float32,
+            )
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class HeadsOutput(nn.Module):
+    """Merges heads back into the model width. `[B, L, H, Dh] -> [B, L, features]`."""
+
+    features: int
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    kernel_init: Initializer = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = (x.shape[-2], x.shape[-1], self.features)
+        kernel = self.param(
+            "kernel", partitioned(self.kernel_init, ("heads", "head_dim", "embed")), shape, jnp.float32
+        )
+        y = jnp.einsum("blhk,hkd->bld", x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param("bias", partitioned(nn.initializers.zeros, ("embed",)), (self.features,), jnp.float32)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention
+
+
+def dot_product_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None
+) -> jax.Array:
+    """Softmax attention with grouped key/value heads; the one attention function of the project.
+
+    Args:
+      q: `[B, Lq, H, Dh]` queries.
+      k, v: `[B, Lk, Hkv, Dh]` keys and values, H a multiple of Hkv (GQA; Hkv == H is plain MHA).
+      mask: bool, broadcastable to `[B, Lq, Lk]`; True where a query may attend a key. Rows
+        with no allowed key return zeros instead of NaN.
+
+    Returns:
+      `[B, Lq, H, Dh]` in q's dtype. Logits and softmax are computed in fp32.
+    """
+    b, lq, h, dh = q.shape
+    hkv = k.shape[2]
+    if h % hkv:
+        raise ValueError(f"query heads {h} not a multiple of key/value heads {hkv}")
+    q = q.reshape(b, lq, hkv, h // hkv, dh)
+    logits = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32)
+    logits = logits * (1.0 / np.sqrt(dh))
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, (b, lq, k.shape[1]))[:, None, None]
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1)
+    if mask is not None:
+        weights = jnp.where(mask, weights, 0.0)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", weights.astype(v.dtype), v)
+    return out.reshape(b, lq, h, dh)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pre-LN ViT encoder block (CLIP and DINOv2)
+
+
+class Mlp(nn.Module):
+    """fc1 -> activation -> fc2. `[..., D] -> [..., D]`."""
+
+    hidden: int
+    activation: str
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        x = Dense(self.hidden, ("embed", "mlp"), dtype=self.dtype, name="fc1")(x)
+        x = ACTIVATIONS[self.activation](x)
+        return Dense(d, ("mlp", "embed"), dtype=self.dtype, name="fc2")(x)
+
+
+class LayerScale(nn.Module):
+    """DINOv2's per-channel residual-branch scale. `[..., D]`."""
+
+    init_value: float = 1.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gamma = self.param(
+            "scale", partitioned(nn.initializers.constant(self.init_value), ("embed",)), (x.shape[-1],), jnp.float32
+        )
+        return x * gamma.astype(x.dtype)
+
+
+class ViTBlock(nn.Module):
+    """Pre-LN transformer encoder block, scan-compatible: `(x, _) -> (x, None)`, x `[B, L, D]`."""
+
+    num_heads: int
+    mlp_dim: int
+    activation: str
+    layer_norm_eps: float
+    layer_scale: float | None = None  # None: no LayerScale (CLIP); a value: its init (DINOv2)
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, _=None):
+        d = x.shape[-1]
+        hd = d // self.num_heads
+        y = LayerNorm(self.layer_norm_eps, self.dtype, name="ln1")(x)
+        q = HeadsProjection(self.num_heads, hd, dtype=self.dtype, name="q")(y)
+        k = HeadsProjection(self.num_heads, hd, dtype=self.dtype, name="k")(y)
+        v = HeadsProjection(self.num_heads, hd, dtype=self.dtype, name="v")(y)
+        y = HeadsOutput(d, dtype=self.dtype, name="o")(dot_product_attention(q, k, v))
+        if self.layer_scale is not None:
+            y = LayerScale(self.layer_scale, name="ls1")(y)
+        x = x + y
+        y = LayerNorm(self.layer_norm_eps, self.dtype, name="ln2")(x)
+        y = Mlp(self.mlp_dim, self.activation, self.dtype, name="mlp")(y)
+        if self.layer_scale is not None:
+            y = LayerScale(self.layer_scale, name="ls2")(y)
+        x = x + y
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed_act"))
+        return x, None
+
+
+def stacked(block_cls: type[nn.Module], num_layers: int, remat: str, in_axes=0) -> type[nn.Module]:
+    """Wraps a `(carry, xs, ...) -> (carry, ys)` block in nn.remat and nn.scan over `num_layers`.
+
+    Stacked params gain a leading `layers` axis. `remat` is a key of REMAT_POLICIES; `in_axes`
+    as in nn.scan (0 for per-layer inputs, nn.broadcast for inputs shared by all layers).
+    """
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {remat!r}; choose from {sorted(REMAT_POLICIES)}")
+    if remat != "none":
+        block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[remat], prevent_cse=False)
+    return nn.scan(
+        block_cls,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=in_axes,
+        length=num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Position-table interpolation (torch's bicubic, as HF transformers applies it)
+
+
+def _cubic(x: float, a: float) -> float:
+    """Keys' cubic convolution kernel with parameter a."""
+    x = abs(x)
+    if x < 1.0:
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+    if x < 2.0:
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return 0.0
+
+
+def bicubic_matrix(in_size: int, out_size: int, scale: float | None = None) -> np.ndarray:
+    """`[out, in]` matrix M with `M @ x` == torch `interpolate(x, mode='bicubic', align_corners=False)`.
+
+    `scale` is torch's source step per output pixel: `in/out` for `size=` (HF's mode), or
+    `1/scale_factor` when a scale factor is given (Meta DINOv2's offset mode). Border taps are
+    clamped and the kernel is Keys' with a=-0.75, as torch does; no antialiasing.
+    """
+    scale = in_size / out_size if scale is None else scale
+    m = np.zeros((out_size, in_size), np.float64)
+    for i in range(out_size):
+        x = (i + 0.5) * scale - 0.5
+        x0 = int(np.floor(x))
+        t = x - x0
+        for k in range(-1, 3):
+            m[i, min(max(x0 + k, 0), in_size - 1)] += _cubic(k - t, -0.75)
+    return m
+
+
+def bicubic_antialias_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """`[out, in]` matrix of torch's `interpolate(..., mode='bicubic', antialias=True)` (`size=`).
+
+    torch's antialiased path follows PIL: Keys' kernel with a=-0.5, widened by the downscale
+    factor, taps normalized to sum to one.
+    """
+    scale = in_size / out_size
+    support = 2.0 * max(scale, 1.0)
+    inv = 1.0 / max(scale, 1.0)
+    m = np.zeros((out_size, in_size), np.float64)
+    for i in range(out_size):
+        center = scale * (i + 0.5)
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), in_size)
+        w = np.array([_cubic((j + lo - center + 0.5) * inv, -0.5) for j in range(hi - lo)])
+        m[i, lo:hi] = w / w.sum()
+    return m
+
+
+POS_INTERPOLATIONS = ("hf", "hf_antialias", "meta")
+
+
+def pos_interpolation_matrix(n: int, out: int, mode: str) -> np.ndarray:
+    """`[out, n]` resize matrix for one axis of a position grid.
+
+    hf: HF transformers' Dinov2/CLIP (`size=`, bicubic); hf_antialias: HF's Dinov2WithRegisters
+    (same with antialias=True); meta: Meta's DINOv2 (`scale_factor=(out+0.1)/n`).
+    """
+    if mode == "hf":
+        return bicubic_matrix(n, out)
+    if mode == "hf_antialias":
+        return bicubic_antialias_matrix(n, out)
+    if mode == "meta":
+        return bicubic_matrix(n, out, n / (out + 0.1))
+    raise ValueError(f"unknown position interpolation {mode!r}; choose from {POS_INTERPOLATIONS}")
+
+
+def interpolate_pos_table(table: jax.Array, new_hw: tuple[int, int], mode: str = "hf") -> jax.Array:
+    """Resizes a square position table `[n*n, D]` to `[h*w, D]` (row-major grid), bicubic.
+
+    The resize matrices are host constants, so the op is two small matmuls and gradients reach the
+    table. Identity when the grid already matches (as in HF and Meta).
+    """
+    n = int(round(np.sqrt(table.shape[0])))
+    if n * n != table.shape[0]:
+        raise ValueError(f"position table of {table.shape[0]} rows is not a square grid")
+    h, w = new_hw
+    if (h, w) == (n, n):
+        return table
+    mh = jnp.asarray(pos_interpolation_matrix(n, h, mode), jnp.float32)
+    mw = jnp.asarray(pos_interpolation_matrix(n, w, mode), jnp.float32)
+    grid = table.astype(jnp.float32).reshape(n, n, -1)
+    out = jnp.einsum("oh,hwd,pw->opd", mh, grid, mw, precision=jax.lax.Precision.HIGHEST)
+    return out.reshape(h * w, -1).astype(table.dtype)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patch conv. `[B, H, W, 3] -> [B, H/p, W/p, D]`."""
+
+    patch_size: int
+    features: int
+    use_bias: bool
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        p = self.patch_size
+        b, h, w, c = images.shape
+        if h % p or w % p:
+            raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
+        kernel = self.param(
+            "kernel",
+            partitioned(nn.initializers.lecun_normal(), ("patch", "patch", "patch", "embed")),
+            (p, p, c, self.features),
+            jnp.float32,
+        )
+        # A stride-p conv is a matmul over flattened patches: cheaper to compile and exact.
+        x = images.astype(self.dtype).reshape(b, h // p, p, w // p, p, c)
+        y = jnp.einsum("bhpwqc,pqcd->bhwd", x, kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param("bias", partitioned(nn.initializers.zeros, ("embed",)), (self.features,), jnp.float32)
+            y = y + bias.astype(self.dtype)
+        return y

@@ -1,0 +1,196 @@
+"""LLaMA / Vicuna decoder: RMSNorm, RoPE (HF rotate-half layout), SwiGLU, grouped-query attention.
+
+Ferret feeds the decoder embeddings (text embeddings with visual and region features scattered
+in), so the main entry takes `embeddings` as readily as `tokens`. Decoding uses an explicit
+KV cache pytree (see `init_kv_cache`): the same call does prefill (T prompt tokens) and single
+steps (T = 1); nothing is stored in Flax collections, so the model stays a pure function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ferret_jax.models import layers
+
+KVCache = dict  # {'k': [layers, B, S, Hkv, Dh], 'v': same}
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int = 32001  # Vicuna's 32000 + <region_fea>
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    head_dim: int | None = None  # default hidden_size // num_heads
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+    dtype: str = "float32"
+    remat: str = "none"
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+    @classmethod
+    def from_hf(cls, hf: dict, **overrides) -> "LlamaConfig":
+        """From a HF `LlamaConfig` dict (transformers 4 `rope_theta` or 5 `rope_parameters`)."""
+        if hf.get("tie_word_embeddings", False):
+            raise ValueError("tied input/output embeddings are not supported (LLaMA/Vicuna are untied)")
+        if hf.get("attention_bias", False) or hf.get("mlp_bias", False):
+            raise ValueError("LLaMA variants with attention or MLP biases are not supported")
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+            raise ValueError(f"RoPE scaling {rope} is not supported (only the default rotary embedding)")
+        heads = hf.get("num_attention_heads", 32)
+        kw = dict(
+            vocab_size=hf.get("vocab_size", 32000),
+            hidden_size=hf.get("hidden_size", 4096),
+            intermediate_size=hf.get("intermediate_size", 11008),
+            num_layers=hf.get("num_hidden_layers", 32),
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim"),
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        )
+        kw.update(overrides)
+        return cls(**kw)
+
+
+def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """HF's rotate-half RoPE. x `[B, T, H, Dh]`, positions `[B, T]` -> `[B, T, H, Dh]`.
+
+    Angles in fp32, as HF computes them; HF-layout checkpoints need no q/k permutation.
+    """
+    dh = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+def init_kv_cache(config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+    """Zeroed cache for `max_len` slots: `{'k', 'v'}` each `[layers, B, max_len, Hkv, Dh]`."""
+    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.dim_per_head)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+class LlamaBlock(nn.Module):
+    """One decoder layer, scan-compatible: `(x, layer_cache, ...) -> (x, new_layer_cache)`."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, layer_cache, positions, kv_mask, cache_index):
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        dh = cfg.dim_per_head
+        h = layers.RMSNorm(cfg.rms_norm_eps, dtype, name="attn_norm")(x)
+        q = layers.HeadsProjection(cfg.num_heads, dh, use_bias=False, dtype=dtype, name="q")(h)
+        k = layers.HeadsProjection(cfg.num_kv_heads, dh, "kv_heads", use_bias=False, dtype=dtype, name="k")(h)
+        v = layers.HeadsProjection(cfg.num_kv_heads, dh, "kv_heads", use_bias=False, dtype=dtype, name="v")(h)
+        q = rotary_embedding(q, positions, cfg.rope_theta)
+        k = rotary_embedding(k, positions, cfg.rope_theta)
+        t = x.shape[1]
+        if layer_cache is None:
+            keys, values, new_cache = k, v, None
+            q_slot = jnp.arange(t)
+        else:
+            start = (0, cache_index, 0, 0)
+            keys = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), start)
+            values = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), start)
+            new_cache = {"k": keys, "v": values}
+            keys, values = keys.astype(dtype), values.astype(dtype)
+            q_slot = cache_index + jnp.arange(t)
+        k_slot = jnp.arange(keys.shape[1])
+        mask = k_slot[None, None, :] <= q_slot[None, :, None]  # causal over cache slots
+        if kv_mask is not None:
+            mask = mask & kv_mask[:, None, :]
+        attn = layers.dot_product_attention(q, keys, values, mask)
+        x = x + layers.HeadsOutput(cfg.hidden_size, use_bias=False, dtype=dtype, name="o")(attn)
+        h = layers.RMSNorm(cfg.rms_norm_eps, dtype, name="mlp_norm")(x)
+        gate = layers.Dense(cfg.intermediate_size, ("embed", "mlp"), use_bias=False, dtype=dtype, name="gate")(h)
+        up = layers.Dense(cfg.intermediate_size, ("embed", "mlp"), use_bias=False, dtype=dtype, name="up")(h)
+        x = x + layers.Dense(cfg.hidden_size, ("mlp", "embed"), use_bias=False, dtype=dtype, name="down")(
+            jax.nn.silu(gate) * up
+        )
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed_act"))
+        return x, new_cache
+
+
+class Llama(nn.Module):
+    """Decoder-only LM. Param tree: `embed [V, D]`, `layers/...` (stacked), `final_norm`, `lm_head [D, V]`."""
+
+    config: LlamaConfig
+
+    def setup(self):
+        cfg = self.config
+        self.embedding = self.param(
+            "embed",
+            layers.partitioned(nn.initializers.normal(0.02), ("vocab", "embed")),
+            (cfg.vocab_size, cfg.hidden_size),
+            jnp.float32,
+        )
+        block = layers.stacked(
+            LlamaBlock, cfg.num_layers, cfg.remat, in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast)
+        )
+        self.layers = block(cfg)
+        self.final_norm = layers.RMSNorm(cfg.rms_norm_eps, jnp.dtype(cfg.dtype))
+        self.lm_head = self.param(
+            "lm_head",
+            layers.partitioned(nn.initializers.normal(0.02), ("embed", "vocab")),
+            (cfg.hidden_size, cfg.vocab_size),
+            jnp.float32,
+        )
+
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        """`[B, T]` ids -> `[B, T, D]` input embeddings in the compute dtype."""
+        return jnp.take(self.embedding, tokens, axis=0).astype(jnp.dtype(self.config.dtype))
+
+    def __call__(
+        self,
+        tokens: jax.Array | None = None,
+        *,
+        embeddings: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        kv_mask: jax.Array | None = None,
+        cache: KVCache | None = None,
+        cache_index: jax.Array | int = 0,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Causal forward over T new tokens.
+
+        Args:
+          tokens: `[B, T]` ids, or
+          embeddings: `[B, T, D]` input embeddings (exactly one of the two).
+          positions: `[B, T]` RoPE positions; default `cache_index + arange(T)`.
+          kv_mask: bool `[B, S]`, False for key slots to ignore (padding); S = T without a cache,
+            the cache length with one.
+          cache: KV cache from `init_kv_cache`; the new keys/values are written at slots
+            `[cache_index, cache_index + T)` and every query attends slots `<=` its own.
+          cache_index: scalar slot of the first new token.
+
+        Returns:
+          fp32 logits `[B, T, V]` and the updated cache (None without a cache).
+        """
+        if (tokens is None) == (embeddings is None):
+            raise ValueError("pass exactly one of tokens or embeddings")
+        x = self.embed(tokens) if embeddings is None else embeddings.astype(jnp.dtype(self.config.dtype))
+        b, t, _ = x.shape
+        if positions is None:
+            positions = jnp.broadcast_to(cache_index + jnp.arange(t), (b, t))
+        x, cache = self.layers(x, cache, positions, kv_mask, cache_index)
+        x = self.final_norm(x)
+        logits = jnp.einsum(
+            "btd,dv->btv", x, self.lm_head.astype(x.dtype), preferred_element_type=jnp.float32
+        )
+        return logits, cache
