@@ -25,7 +25,7 @@ def _randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            scale = 0.3 if p.ndim == 1 else 1.0 / max(1.0, p.shape[-1] ** 0.5)
+            scale = 0.3 if p.ndim <= 1 else 1.0 / max(1.0, p.shape[-1] ** 0.5)
             base = 1.0 if name.endswith(("norm.weight", "norm1.weight", "norm2.weight", "layernorm.weight", "pre_layrnorm.weight")) else 0.0
             p.copy_(base + scale * torch.randn(p.shape, generator=gen))
     return model.eval()
@@ -40,7 +40,10 @@ def clip_full(seed: int = 0) -> transformers.CLIPModel:
     """A whole CLIPModel: its safetensors carry `vision_model.` and `text_model.` prefixes."""
     cfg = transformers.CLIPConfig(
         vision_config=TINY_CLIP,
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=99),
+        text_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=99,
+            bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        ),
         projection_dim=16,
     )
     return _randomize_(transformers.CLIPModel(cfg), seed)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from ferret_jax.convert import mapping
@@ -38,7 +40,7 @@ def convert_llama(
     """Returns (config, params, ignored tensor names); the vocabulary grows by `added_tokens`."""
     source = TensorSource(directory)
     config = LlamaConfig.from_hf(source.config, **overrides)
-    config = LlamaConfig(**{**config.__dict__, "vocab_size": config.vocab_size + added_tokens})
+    config = dataclasses.replace(config, vocab_size=config.vocab_size + added_tokens)
     target = mapping.abstract_params(Llama(config), np.zeros((1, 1), np.int32))
     params, skipped = mapping.convert(source, rules(added_tokens), target, IGNORED, dtype, "LLaMA checkpoint")
     return config, params, skipped
