@@ -97,6 +97,20 @@ class RMSNorm(nn.Module):
 # Linear layers with logical axes
 
 
+def matmul(x: jax.Array, kernel: jax.Array, contract: int, out_dtype=None) -> jax.Array:
+    """Contracts the last `contract` dims of x with the first of kernel, as one 2-D GEMM.
+
+    `[..., *k_in] x [*k_in, *k_out] -> [..., *k_out]`. Flattening the leading dims first is
+    markedly faster on XLA:CPU (forward and backward) than the equivalent batched einsum.
+    """
+    lead, k_in = x.shape[: x.ndim - contract], kernel.shape[:contract]
+    k_out = kernel.shape[contract:]
+    y = jnp.matmul(
+        x.reshape(-1, int(np.prod(k_in))), kernel.reshape(int(np.prod(k_in)), -1), preferred_element_type=out_dtype
+    )
+    return y.reshape(*lead, *k_out)
+
+
 class Dense(nn.Module):
     """`x @ W + b` over the last axis with named axes. `[..., Din] -> [..., features]`."""
 
@@ -112,7 +126,7 @@ class Dense(nn.Module):
         kernel = self.param(
             "kernel", partitioned(self.kernel_init, self.axes), (x.shape[-1], self.features), jnp.float32
         )
-        y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype))
+        y = matmul(x.astype(self.dtype), kernel.astype(self.dtype), 1)
         if self.use_bias:
             bias = self.param("bias", partitioned(self.bias_init, self.axes[1:]), (self.features,), jnp.float32)
             y = y + bias.astype(self.dtype)
@@ -135,7 +149,7 @@ class HeadsProjection(nn.Module):
         kernel = self.param(
             "kernel", partitioned(self.kernel_init, ("embed", self.heads_axis, "head_dim")), shape, jnp.float32
         )
-        y = jnp.einsum("bld,dhk->blhk", x.astype(self.dtype), kernel.astype(self.dtype))
+        y = matmul(x.astype(self.dtype), kernel.astype(self.dtype), 1)
         if self.use_bias:
             bias = self.param(
                 "bias",
@@ -161,7 +175,7 @@ class HeadsOutput(nn.Module):
         kernel = self.param(
             "kernel", partitioned(self.kernel_init, ("heads", "head_dim", "embed")), shape, jnp.float32
         )
-        y = jnp.einsum("blhk,hkd->bld", x.astype(self.dtype), kernel.astype(self.dtype))
+        y = matmul(x.astype(self.dtype), kernel.astype(self.dtype), 2)
         if self.use_bias:
             bias = self.param("bias", partitioned(nn.initializers.zeros, ("embed",)), (self.features,), jnp.float32)
             y = y + bias.astype(self.dtype)
@@ -180,8 +194,8 @@ def dot_product_attention(
     Args:
       q: `[B, Lq, H, Dh]` queries.
       k, v: `[B, Lk, Hkv, Dh]` keys and values, H a multiple of Hkv (GQA; Hkv == H is plain MHA).
-      mask: bool, broadcastable to `[B, Lq, Lk]`; True where a query may attend a key. Rows
-        with no allowed key return zeros instead of NaN.
+      mask: bool, broadcastable to `[B, Lq, Lk]`; True where a query may attend a key. A query
+        with no allowed key gets the mean of the values (finite; callers ignore such rows).
 
     Returns:
       `[B, Lq, H, Dh]` in q's dtype. Logits and softmax are computed in fp32.
@@ -190,17 +204,33 @@ def dot_product_attention(
     hkv = k.shape[2]
     if h % hkv:
         raise ValueError(f"query heads {h} not a multiple of key/value heads {hkv}")
-    q = q.reshape(b, lq, hkv, h // hkv, dh)
-    logits = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32)
-    logits = logits * (1.0 / np.sqrt(dh))
+    if h != hkv:  # GQA: share each key/value head across its group (cheap next to the matmuls)
+        k, v = jnp.repeat(k, h // hkv, axis=2), jnp.repeat(v, h // hkv, axis=2)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * (1.0 / np.sqrt(dh))
     if mask is not None:
-        mask = jnp.broadcast_to(mask, (b, lq, k.shape[1]))[:, None, None]
+        mask = jnp.broadcast_to(mask, (b, lq, k.shape[1]))[:, None]
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1)
-    if mask is not None:
-        weights = jnp.where(mask, weights, 0.0)
-    out = jnp.einsum("bhgqk,bkhd->bqhgd", weights.astype(v.dtype), v)
-    return out.reshape(b, lq, h, dh)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+def causal_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, chunk: int
+) -> jax.Array:
+    """`dot_product_attention` for causal self-attention (Lq == Lk, query i at key slot i) that
+    skips the all-masked upper blocks: query rows go in chunks of `chunk`, each attending only
+    to the keys up to its last row. Same result, about half the attention FLOPs at long L.
+
+    Shapes as in `dot_product_attention`; `mask` `[B or 1, L, L]`. chunk <= 0 or >= L: one block.
+    """
+    length = q.shape[1]
+    if chunk <= 0 or chunk >= length:
+        return dot_product_attention(q, k, v, mask)
+    outs = []
+    for start in range(0, length, chunk):
+        end = min(start + chunk, length)
+        outs.append(dot_product_attention(q[:, start:end], k[:, :end], v[:, :end], mask[:, start:end, :end]))
+    return jnp.concatenate(outs, axis=1)
 
 
 # ----------------------------------------------------------------------------------------------

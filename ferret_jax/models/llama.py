@@ -31,6 +31,7 @@ class LlamaConfig:
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     max_position_embeddings: int = 4096
+    attention_chunk: int = 64  # query rows per causal block (no cache); 0 = one full block
     dtype: str = "float32"
     remat: str = "none"
 
@@ -65,18 +66,28 @@ class LlamaConfig:
         return cls(**kw)
 
 
-def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """HF's rotate-half RoPE. x `[B, T, H, Dh]`, positions `[B, T]` -> `[B, T, H, Dh]`.
-
-    Angles in fp32, as HF computes them; HF-layout checkpoints need no q/k permutation.
-    """
-    dh = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
+def rotary_tables(positions: jax.Array, head_dim: int, theta: float, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos, sin `[B, T, 1, Dh]` of HF's rotate-half RoPE for `[B, T]` positions (angles in fp32)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """`x * cos + rotate_half(x) * sin` for x `[B, T, H, Dh]`; HF-layout checkpoints need no
+    q/k permutation."""
     x1, x2 = jnp.split(x, 2, axis=-1)
     return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+def attention_mask(t: int, cache_len: int | None, cache_index, kv_mask: jax.Array | None) -> jax.Array:
+    """bool `[B or 1, T, S]`: query t (slot cache_index + t) sees key slots <= its own that
+    kv_mask allows. S = T without a cache, the cache length with one."""
+    q_slot = cache_index + jnp.arange(t)
+    k_slot = jnp.arange(t if cache_len is None else cache_len)
+    mask = (k_slot[None, :] <= q_slot[:, None])[None]
+    return mask if kv_mask is None else mask & kv_mask[:, None, :]
 
 
 def init_kv_cache(config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
@@ -91,7 +102,7 @@ class LlamaBlock(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, layer_cache, positions, kv_mask, cache_index):
+    def __call__(self, x, layer_cache, rope, mask, cache_index):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         dh = cfg.dim_per_head
@@ -99,24 +110,19 @@ class LlamaBlock(nn.Module):
         q = layers.HeadsProjection(cfg.num_heads, dh, use_bias=False, dtype=dtype, name="q")(h)
         k = layers.HeadsProjection(cfg.num_kv_heads, dh, "kv_heads", use_bias=False, dtype=dtype, name="k")(h)
         v = layers.HeadsProjection(cfg.num_kv_heads, dh, "kv_heads", use_bias=False, dtype=dtype, name="v")(h)
-        q = rotary_embedding(q, positions, cfg.rope_theta)
-        k = rotary_embedding(k, positions, cfg.rope_theta)
-        t = x.shape[1]
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if layer_cache is None:
             keys, values, new_cache = k, v, None
-            q_slot = jnp.arange(t)
         else:
             start = (0, cache_index, 0, 0)
             keys = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), start)
             values = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), start)
             new_cache = {"k": keys, "v": values}
             keys, values = keys.astype(dtype), values.astype(dtype)
-            q_slot = cache_index + jnp.arange(t)
-        k_slot = jnp.arange(keys.shape[1])
-        mask = k_slot[None, None, :] <= q_slot[None, :, None]  # causal over cache slots
-        if kv_mask is not None:
-            mask = mask & kv_mask[:, None, :]
-        attn = layers.dot_product_attention(q, keys, values, mask)
+        if layer_cache is None:
+            attn = layers.causal_attention(q, keys, values, mask, cfg.attention_chunk)
+        else:
+            attn = layers.dot_product_attention(q, keys, values, mask)
         x = x + layers.HeadsOutput(cfg.hidden_size, use_bias=False, dtype=dtype, name="o")(attn)
         h = layers.RMSNorm(cfg.rms_norm_eps, dtype, name="mlp_norm")(x)
         gate = layers.Dense(cfg.intermediate_size, ("embed", "mlp"), use_bias=False, dtype=dtype, name="gate")(h)
@@ -188,9 +194,10 @@ class Llama(nn.Module):
         b, t, _ = x.shape
         if positions is None:
             positions = jnp.broadcast_to(cache_index + jnp.arange(t), (b, t))
-        x, cache = self.layers(x, cache, positions, kv_mask, cache_index)
+        # RoPE tables and the mask are shared by all layers: built once, outside the scan.
+        rope = rotary_tables(positions, self.config.dim_per_head, self.config.rope_theta, x.dtype)
+        mask = attention_mask(t, None if cache is None else cache["k"].shape[2], cache_index, kv_mask)
+        x, cache = self.layers(x, cache, rope, mask, cache_index)
         x = self.final_norm(x)
-        logits = jnp.einsum(
-            "btd,dv->btv", x, self.lm_head.astype(x.dtype), preferred_element_type=jnp.float32
-        )
+        logits = layers.matmul(x, self.lm_head.astype(x.dtype), 1, out_dtype=jnp.float32)
         return logits, cache

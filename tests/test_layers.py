@@ -1,0 +1,67 @@
+"""Shared layers: attention variants agree; the fp32 token loss is the textbook cross-entropy."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ferret_jax.losses import token_cross_entropy
+from ferret_jax.models import layers
+
+
+def _qkv(seed, b=2, length=37, h=4, hkv=2, dh=8):
+    r = np.random.RandomState(seed)
+    return (jnp.asarray(r.randn(b, length, h, dh), jnp.float32),
+            jnp.asarray(r.randn(b, length, hkv, dh), jnp.float32),
+            jnp.asarray(r.randn(b, length, hkv, dh), jnp.float32))
+
+
+def _reference_attention(q, k, v, mask):
+    g = q.shape[2] // k.shape[2]
+    k, v = np.repeat(k, g, 2), np.repeat(v, g, 2)
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    logits = np.where(mask[:, None], logits, -np.inf)
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    return np.einsum("bhqk,bkhd->bqhd", w, v)
+
+
+def test_gqa_attention_matches_reference():
+    q, k, v = _qkv(0)
+    mask = np.random.RandomState(1).rand(2, 37, 37) > 0.3
+    mask[:, :, 0] = True
+    out = layers.dot_product_attention(q, k, v, jnp.asarray(mask))
+    np.testing.assert_allclose(np.asarray(out), _reference_attention(*map(np.asarray, (q, k, v)), mask), atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [0, 3, 8, 36, 37, 64])
+def test_block_causal_equals_full_causal(chunk):
+    q, k, v = _qkv(2)
+    causal = np.tril(np.ones((37, 37), bool))[None]
+    pad = np.ones((2, 37), bool)
+    pad[1, 30:] = False  # a padded tail must not change the valid rows
+    mask = jnp.asarray(causal & pad[:, None, :])
+    full = jax.jit(layers.dot_product_attention)
+    blocked = jax.jit(layers.causal_attention, static_argnums=4)
+    np.testing.assert_allclose(np.asarray(blocked(q, k, v, mask, chunk)), np.asarray(full(q, k, v, mask)), atol=1e-6)
+    # gradients agree too (the block path is what training differentiates)
+    grad = lambda fn: jax.jit(jax.grad(lambda q: (fn(q) ** 2).sum()))(q)  # noqa: E731
+    np.testing.assert_allclose(
+        np.asarray(grad(lambda q: layers.causal_attention(q, k, v, mask, chunk))),
+        np.asarray(grad(lambda q: layers.dot_product_attention(q, k, v, mask))), atol=1e-5,
+    )
+
+
+def test_token_cross_entropy():
+    r = np.random.RandomState(3)
+    logits = r.randn(2, 5, 11).astype(np.float32) * 3
+    targets = r.randint(0, 11, (2, 5))
+    mask = (r.rand(2, 5) > 0.5).astype(np.float32)
+    loss, correct = token_cross_entropy(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask))
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    ref = -np.take_along_axis(logp, targets[..., None], -1)[..., 0] * mask
+    np.testing.assert_allclose(np.asarray(loss), ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(correct), (logits.argmax(-1) == targets) * mask)
+    # bf16 logits still give an fp32 loss
+    loss16, _ = token_cross_entropy(jnp.asarray(logits, jnp.bfloat16), jnp.asarray(targets))
+    assert loss16.dtype == jnp.float32
