@@ -73,19 +73,11 @@ class ClipVision(nn.Module):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         d = cfg.hidden_size
-        x = layers.PatchEmbed(cfg.patch_size, d, use_bias=False, dtype=dtype, name="patch_embed")(images)
-        b, gh, gw, _ = x.shape
-        cls = self.param("cls", layers.partitioned(nn.initializers.normal(0.02), ("embed",)), (d,), jnp.float32)
-        pos = self.param(
-            "pos_embed",
-            layers.partitioned(nn.initializers.normal(0.02), ("pos", "embed")),
-            (cfg.grid * cfg.grid + 1, d),
-            jnp.float32,
+        cls_token, patches, (gh, gw) = layers.vit_embed(
+            self, images, patch_size=cfg.patch_size, pretrained_grid=cfg.grid, patch_bias=False,
+            pos_interpolation="hf", dtype=dtype,
         )
-        patch_pos = layers.interpolate_pos_table(pos[1:], (gh, gw), "hf")
-        x = x.reshape(b, gh * gw, d) + patch_pos.astype(dtype)
-        cls_tok = jnp.broadcast_to((cls + pos[0]).astype(dtype), (b, 1, d))
-        x = jnp.concatenate([cls_tok, x], axis=1)
+        x = jnp.concatenate([cls_token, patches], axis=1)
         x = layers.LayerNorm(cfg.layer_norm_eps, dtype, name="pre_ln")(x)
         if cfg.layers_used:
             block = layers.stacked(layers.ViTBlock, cfg.layers_used, cfg.remat)
@@ -97,4 +89,4 @@ class ClipVision(nn.Module):
                 dtype=dtype,
                 name="layers",
             )(x, None)
-        return x[:, 1:].reshape(b, gh, gw, d)
+        return x[:, 1:].reshape(x.shape[0], gh, gw, d)

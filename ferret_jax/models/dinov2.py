@@ -73,21 +73,21 @@ class Dinov2(nn.Module):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         d = cfg.hidden_size
-        x = layers.PatchEmbed(cfg.patch_size, d, use_bias=True, dtype=dtype, name="patch_embed")(images)
-        b, gh, gw, _ = x.shape
-        normal = nn.initializers.normal(0.02)
-        cls = self.param("cls", layers.partitioned(normal, ("embed",)), (d,), jnp.float32)
-        pos = self.param(
-            "pos_embed", layers.partitioned(normal, ("pos", "embed")), (cfg.grid * cfg.grid + 1, d), jnp.float32
+        cls_token, patches, (gh, gw) = layers.vit_embed(
+            self, images, patch_size=cfg.patch_size, pretrained_grid=cfg.grid, patch_bias=True,
+            pos_interpolation=cfg.pos_interpolation, dtype=dtype,
         )
-        patch_pos = layers.interpolate_pos_table(pos[1:], (gh, gw), cfg.pos_interpolation)
-        tokens = [jnp.broadcast_to((cls + pos[0]).astype(dtype), (b, 1, d))]
+        b = images.shape[0]
+        tokens = [cls_token]
         if cfg.num_register_tokens:
             reg = self.param(
-                "registers", layers.partitioned(normal, ("pos", "embed")), (cfg.num_register_tokens, d), jnp.float32
+                "registers",
+                layers.partitioned(nn.initializers.normal(0.02), ("pos", "embed")),
+                (cfg.num_register_tokens, d),
+                jnp.float32,
             )
             tokens.append(jnp.broadcast_to(reg.astype(dtype), (b, cfg.num_register_tokens, d)))
-        tokens.append(x.reshape(b, gh * gw, d) + patch_pos.astype(dtype))
+        tokens.append(patches)
         x = jnp.concatenate(tokens, axis=1)
         block = layers.stacked(layers.ViTBlock, cfg.num_layers, cfg.remat)
         x, _ = block(

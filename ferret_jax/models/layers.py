@@ -431,3 +431,30 @@ class PatchEmbed(nn.Module):
             bias = self.param("bias", partitioned(nn.initializers.zeros, ("embed",)), (self.features,), jnp.float32)
             y = y + bias.astype(self.dtype)
         return y
+
+
+def vit_embed(
+    module: nn.Module,
+    images: jax.Array,
+    *,
+    patch_size: int,
+    pretrained_grid: int,
+    patch_bias: bool,
+    pos_interpolation: str,
+    dtype: Dtype,
+) -> tuple[jax.Array, jax.Array, tuple[int, int]]:
+    """ViT input tokens, created inside `module`'s compact scope (params `patch_embed`, `cls`,
+    `pos_embed` of `module`, the names the converters map HF tensors onto).
+
+    `[B, H, W, 3]` -> (CLS token with its position `[B, 1, D]`, patch tokens with positions
+    resized to the `(H/p, W/p)` grid `[B, N, D]`, that grid).
+    """
+    d = module.config.hidden_size
+    x = PatchEmbed(patch_size, d, use_bias=patch_bias, dtype=dtype, name="patch_embed")(images)
+    b, gh, gw, _ = x.shape
+    normal = nn.initializers.normal(0.02)
+    cls = module.param("cls", partitioned(normal, ("embed",)), (d,), jnp.float32)
+    pos = module.param("pos_embed", partitioned(normal, ("pos", "embed")), (pretrained_grid**2 + 1, d), jnp.float32)
+    patch_pos = interpolate_pos_table(pos[1:], (gh, gw), pos_interpolation)
+    cls_token = jnp.broadcast_to((cls + pos[0]).astype(dtype), (b, 1, d))
+    return cls_token, x.reshape(b, gh * gw, d) + patch_pos.astype(dtype), (gh, gw)
