@@ -12,7 +12,9 @@ from typing import Any
 
 from ferret_jax.models.clip import ClipConfig
 from ferret_jax.models.dinov2 import Dinov2Config
+from ferret_jax.models.ferret import FerretConfig
 from ferret_jax.models.llama import LlamaConfig
+from ferret_jax.models.sampler import SamplerConfig
 
 VICUNA_VOCAB = 32000
 ADDED_TOKENS = ("<region_fea>",)
@@ -77,6 +79,20 @@ def backbones(size: str) -> dict[str, Any]:
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; choose from {sorted(SIZES)}")
     return dict(SIZES[size])
+
+
+# Image sides and sampler sizes per preset; the 7B/13B values are the paper defaults (SPEC App. B).
+_FERRET = {
+    "tiny": dict(global_size=28, cell=28, max_tiles=4, sampler=SamplerConfig(num_points=64, stages=((16, 8), (8, 8)))),
+    "demo": dict(global_size=112, cell=112, max_tiles=4, sampler=SamplerConfig(num_points=128, stages=((32, 12), (8, 8)))),
+    "7b": dict(global_size=336, cell=336, max_tiles=6),
+    "13b": dict(global_size=336, cell=336, max_tiles=6),
+}
+
+
+def ferret_config(size: str, **overrides: Any) -> FerretConfig:
+    """The Ferret-v2 model config of a preset size; `overrides` replace FerretConfig fields."""
+    return FerretConfig(**backbones(size), **{**_FERRET[size], **overrides})
 
 
 def _parse_value(text: str, default: Any) -> Any:
