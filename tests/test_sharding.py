@@ -95,3 +95,17 @@ def test_make_mesh_errors():
         sharding.make_mesh((-1, -1, 1))
     with pytest.raises(ValueError, match="does not divide"):
         sharding.make_mesh((3, -1, 1))
+
+
+def test_ferret_7b_is_almost_entirely_sharded():
+    """The whole model (sampler and projectors included) on a (2, 4, 1) mesh."""
+    from ferret_jax.models.ferret import Ferret, example_batch
+
+    cfg = config_lib.ferret_config("7b")
+    boxed = _boxed_abstract(Ferret(cfg), example_batch(cfg))
+    mesh = sharding.make_mesh((2, 4, 1))
+    shardings = sharding.param_shardings(boxed, mesh)
+    abstract = nn.meta.unbox(boxed)
+    assert sharding.replicated_fraction(abstract, shardings) < 0.001
+    assert shardings["sampler"]["flatten"]["kernel"].spec == P(None, "fsdp")
+    assert shardings["proj_local"]["fc2"]["kernel"].spec == P(None, "fsdp")
