@@ -122,3 +122,23 @@ def test_bad_configuration_raises(proto):
         pipeline.build_dataset([_Indexed(3)], [1.0], [_indexed_task], proto, CFG, 2, 0, process_index=2, process_count=2)
     with pytest.raises(ValueError, match="stage must be"):
         pipeline.synthetic_task(4)
+
+
+def test_worker_processes_give_the_same_batches_and_resume(proto):
+    import grain
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags
+        flags.FLAGS.mark_as_parsed()
+    ds = _dataset(proto, stage=2, seed=7)
+    single = _take(iter(ds), 3)
+    workers = iter(ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=2)))
+    first = next(workers)
+    np.testing.assert_array_equal(first["tokens"], single[0]["tokens"])
+    state = workers.get_state()
+    expected = next(workers)
+    resumed = iter(ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=2)))
+    resumed.set_state(state)
+    got = next(resumed)
+    np.testing.assert_array_equal(got["tokens"], expected["tokens"])
+    np.testing.assert_array_equal(got["tokens"], single[1]["tokens"])
