@@ -132,6 +132,8 @@ def referring_classification(
 
 def caption(objects: Sequence[Annotation]) -> Task:
     """Stage I caption alignment for object-annotated images: a plain list of what is there."""
+    if not objects:
+        raise ValueError("no objects to caption")
     names = [o.name for o in raster_order(objects)]
     body = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
     return Task([("human", "Describe the image briefly."), ("gpt", f"The image shows {body}.")], [], [])

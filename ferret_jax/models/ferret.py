@@ -30,7 +30,14 @@ from ferret_jax.models import layers
 from ferret_jax.models.clip import ClipConfig, ClipVision
 from ferret_jax.models.dinov2 import Dinov2, Dinov2Config
 from ferret_jax.models.llama import Llama, LlamaConfig
-from ferret_jax.models.sampler import Sampler, SamplerConfig, lookup_fused, lookup_global, torch_dense
+from ferret_jax.models.sampler import (
+    Sampler,
+    SamplerConfig,
+    lookup_fused,
+    lookup_global,
+    tile_cell_index,
+    torch_dense,
+)
 
 FUSIONS = ("add", "concat")
 SAMPLER_INPUTS = ("raw", "projected")
@@ -104,10 +111,7 @@ class Projector(nn.Module):
 def _merged_to_tile_index(merged: jax.Array, grid: jax.Array, t: int) -> jax.Array:
     """Merged-map raster index `[L]` -> flat index into the stacked tiles `[T * t * t]`."""
     cols = jnp.maximum(grid[0], 1)
-    width = cols * t
-    row, col = merged // width, merged % width
-    tile = (row // t) * cols + col // t
-    return tile * (t * t) + (row % t) * t + col % t
+    return tile_cell_index(merged // (cols * t), merged % (cols * t), cols, t)
 
 
 class Ferret(nn.Module):

@@ -58,6 +58,15 @@ def _bilinear(points: jax.Array, height, width, fetch) -> jax.Array:
     )
 
 
+def tile_cell_index(row: jax.Array, col: jax.Array, cols: jax.Array, t: int) -> jax.Array:
+    """Cell (row, col) of the merged local map -> flat index into stacked tiles `[T * t * t]`.
+
+    Tiles are row-major on a grid `cols` wide, each `t x t`: the one place that layout is decoded.
+    """
+    tile = (row // t) * cols + col // t
+    return tile * (t * t) + (row % t) * t + col % t
+
+
 def lookup_global(points: jax.Array, global_map: jax.Array) -> jax.Array:
     """Bilinear features of the global map alone. points `[P, 2]`, map `[g, g, C]` -> `[P, C]`."""
     gh, gw, c = global_map.shape
@@ -92,8 +101,7 @@ def lookup_fused(
     global_flat = global_map.reshape(g * g, global_map.shape[-1])
 
     def fetch(r, col):
-        tile = (r // t) * cols + col // t
-        local = local_flat[tile * (t * t) + (r % t) * t + col % t]
+        local = local_flat[tile_cell_index(r, col, cols, t)]
         # nearest upsampling g -> merged size: source cell floor(dst * g / size)
         glob = global_flat[((r * g) // height) * g + (col * g) // width]
         if fusion == "add":
