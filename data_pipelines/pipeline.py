@@ -20,7 +20,12 @@ import numpy as np
 from data_pipelines import example as ex
 from data_pipelines import synthetic, tasks, text
 
-SKIP_REASONS = ("too_many_regions", "region_without_slot", "slot_without_region", "too_long", "bad_region", "bad_record")
+# Why a drawn record was skipped (redrawn), and what was repaired in a kept one; counted per example.
+SKIP_REASONS = (
+    "too_many_regions", "region_without_slot", "slot_without_region", "too_long", "bad_region",
+    "bad_record", "bad_image", "no_image", "no_objects", "bad_placeholder",
+)
+REPAIR_REASONS = ("clipped_box", "dropped_annotation")
 MAX_REDRAWS = 16
 
 # A task function turns one source record into (image, Task).
@@ -28,7 +33,7 @@ TaskFn = Callable[[dict, np.random.Generator], tuple[np.ndarray, tasks.Task]]
 
 
 class ExampleTransform(grain.transforms.RandomMap):
-    """`(source id, record index)` -> one contract example plus its `skips` counts."""
+    """`(source id, record index)` -> one contract example plus its `skips` and `repairs` counts."""
 
     def __init__(self, sources: Sequence, task_fns: Sequence[TaskFn], tokenizer_proto: bytes, config: ex.ExampleConfig):
         self.sources, self.task_fns, self.config = list(sources), list(task_fns), config
@@ -50,14 +55,18 @@ class ExampleTransform(grain.transforms.RandomMap):
         skips = np.zeros(len(SKIP_REASONS), np.int32)
         for _ in range(MAX_REDRAWS):
             try:
-                image, task = task_fn(source[index], rng)
+                record = source[index]
+                image, task = task_fn(record, rng)
                 out = ex.build_example(image, task.turns, task.regions, self.tokenizer, self.config, rng, task.segmentations)
-                out["skips"] = skips
-                return out
             except ex.ExampleError as e:
-                skips[SKIP_REASONS.index(e.reason)] += 1
+                skips[SKIP_REASONS.index(e.reason if e.reason in SKIP_REASONS else "bad_record")] += 1
             except (ValueError, KeyError, TypeError, OSError, IndexError):
                 skips[SKIP_REASONS.index("bad_record")] += 1
+            else:
+                repairs = {"dropped_annotation": record.get("dropped", 0), **task.repairs}
+                out["skips"] = skips
+                out["repairs"] = np.asarray([repairs.get(r, 0) for r in REPAIR_REASONS], np.int32)
+                return out
             index = int(rng.integers(len(source)))
         raise RuntimeError(
             f"source {source_id}: {MAX_REDRAWS} consecutive records could not become examples "
@@ -65,7 +74,7 @@ class ExampleTransform(grain.transforms.RandomMap):
         )
 
 
-def build_dataset(
+def build_batches(
     sources: Sequence,
     weights: Sequence[float],
     task_fns: Sequence[TaskFn],
@@ -75,8 +84,8 @@ def build_dataset(
     seed: int,
     process_index: int = 0,
     process_count: int = 1,
-) -> grain.IterDataset:
-    """The per-process batch stream (infinite: the mixture repeats with a new shuffle per epoch)."""
+) -> grain.MapDataset:
+    """The per-process batches as a random-access (infinite) `MapDataset`: batch i is `ds[i]`."""
     if not sources or not (len(sources) == len(weights) == len(task_fns)):
         raise ValueError(f"{len(sources)} sources, {len(weights)} weights, {len(task_fns)} task functions: need equal, non-zero counts")
     if any(w <= 0 for w in weights):
@@ -92,50 +101,91 @@ def build_dataset(
     ds = ds.shuffle(seed=seed).repeat()
     ds = ds[process_index::process_count]
     ds = ds.random_map(ExampleTransform(sources, task_fns, tokenizer_proto, config), seed=seed + 1)
-    return ds.batch(batch_size, drop_remainder=True).to_iter_dataset()
+    return ds.batch(batch_size, drop_remainder=True)
+
+
+def build_dataset(*args, **kwargs) -> grain.IterDataset:
+    """The per-process batch stream (infinite: the mixture repeats with a new shuffle per epoch);
+    arguments as `build_batches`. Its iterator's state round-trips with get_state/set_state."""
+    return build_batches(*args, **kwargs).to_iter_dataset()
 
 
 # ----------------------------------------------------------------------------------------------
-# The synthetic world's tasks per stage
+# Task functions per record kind
 
 
-def _annotations(scene: synthetic.Scene) -> list[tasks.Annotation]:
-    return [tasks.Annotation(o.name, o.box, o.mask) for o in scene.objects]
-
-
-def synthetic_task(stage: int) -> TaskFn:
-    """Task function for the synthetic world: stage 1 captions; stage 2 dense referring or
-    detection; stage 3 grounding (with the coordinates suffix), referring classification against
-    another object's name, or dense referring."""
+def _check_stage(stage: int) -> int:
     if stage not in (1, 2, 3):
         raise ValueError(f"stage must be 1, 2 or 3, got {stage}")
+    return stage
+
+
+def objects_task(stage: int) -> TaskFn:
+    """Records with named objects (`{'image', 'objects', 'categories'}`: COCO/LVIS, TFDS detection,
+    the synthetic world): stage 1 captions; stage 2 dense referring or detection (SPEC §5.3);
+    stage 3 grounding with the coordinates suffix, referring classification against a category
+    absent from the image, or dense referring."""
+    _check_stage(stage)
 
     def fn(record: dict, rng: np.random.Generator):
-        scene = record["scene"]
-        w, h = scene.size
-        objs = _annotations(scene)
+        image, objs = record["image"], record["objects"]
+        h, w = image.shape[:2]
         if stage == 1:
-            return scene.image, tasks.caption(objs)
+            return image, tasks.caption(objs)
         if stage == 2:
             build = tasks.dense_referring if rng.integers(2) == 0 else tasks.dense_detection
-            return scene.image, build(objs, w, h, rng)
+            return image, build(objs, w, h, rng)
         obj = objs[rng.integers(len(objs))]
         choice = rng.integers(3)
         if choice == 0:
-            return scene.image, tasks.grounding(obj, w, h)
+            return image, tasks.grounding(obj.name, [o.box for o in objs if o.name == obj.name], w, h)
         if choice == 1:
-            others = sorted({o.name for o in objs} - {obj.name}) or [_random_other_name(obj.name, rng)]
-            kind = tasks.REFERRING_KINDS[rng.integers(len(tasks.REFERRING_KINDS))]
-            return scene.image, tasks.referring_classification(obj, others[rng.integers(len(others))], w, h, rng, kind)
-        return scene.image, tasks.dense_referring(objs, w, h, rng)
+            present = {o.name for o in objs}
+            negatives = [c for c in record["categories"] if c not in present]
+            if negatives:
+                kind = tasks.REFERRING_KINDS[rng.integers(len(tasks.REFERRING_KINDS))]
+                negative = negatives[rng.integers(len(negatives))]
+                return image, tasks.referring_classification(obj, negative, w, h, rng, kind)
+        return image, tasks.dense_referring(objs, w, h, rng)
 
     return fn
 
 
-def _random_other_name(name: str, rng: np.random.Generator) -> str:
-    while True:
-        other = " ".join(
-            [list(synthetic.SIZES)[rng.integers(2)], list(synthetic.COLOURS)[rng.integers(6)], synthetic.SHAPES[rng.integers(4)]]
-        )
-        if other != name:
-            return other
+def synthetic_task(stage: int) -> TaskFn:
+    """`objects_task` over the synthetic world's scenes."""
+    fn = objects_task(stage)
+    names = synthetic.category_names()
+
+    def synthetic_fn(record: dict, rng: np.random.Generator):
+        scene = record["scene"]
+        objs = [tasks.Annotation(o.name, o.box, o.mask) for o in scene.objects]
+        return fn({"image": scene.image, "objects": objs, "categories": names}, rng)
+
+    return synthetic_fn
+
+
+def conversation_task(record: dict, rng: np.random.Generator):
+    """LLaVA/ShareGPT4V conversations as they are."""
+    return record["image"], tasks.conversation(record["turns"])
+
+
+def grit_task(record: dict, rng: np.random.Generator):
+    """GRIT referring/grounding: placeholders -> points or boxes (human) and boxes (gpt)."""
+    h, w = record["image"].shape[:2]
+    return record["image"], tasks.fill_placeholders(record["turns"], record["boxes"], record["masks"], w, h, rng)
+
+
+def grounded_conversation_task(min_score: float = 0.5) -> TaskFn:
+    """VQA/OCR conversations with detector and OCR boxes written into the answers (SPEC §5.3)."""
+
+    def fn(record: dict, rng: np.random.Generator):
+        h, w = record["image"].shape[:2]
+        return record["image"], tasks.grounded_conversation(record["turns"], record["detections"], w, h, min_score)
+
+    return fn
+
+
+def refexp_task(record: dict, rng: np.random.Generator):
+    """RefCOCO-style records as stage III grounding with the coordinates suffix."""
+    h, w = record["image"].shape[:2]
+    return record["image"], tasks.grounding(record["expression"].replace(",", ""), [record["box"]], w, h)

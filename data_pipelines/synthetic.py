@@ -13,6 +13,7 @@ disjoint seeds, so held-out scenes are never trained on.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import zlib
 
 import numpy as np
@@ -151,6 +152,7 @@ class SyntheticSource:
             raise ValueError(f"num_records must be positive, got {num_records}")
         self.split, self.num_records = split, num_records
         self._seed = split_seed(seed, split)
+        inspect.signature(make_scene).bind(None, **scene_kwargs)  # unknown options fail now, not per record
         self._scene_kwargs = scene_kwargs
 
     def __len__(self) -> int:
@@ -162,3 +164,8 @@ class SyntheticSource:
             raise IndexError(f"record {index} outside [0, {self.num_records})")
         rng = np.random.default_rng([self._seed, index])
         return {"id": f"synthetic/{self.split}/{index}", "scene": make_scene(rng, **self._scene_kwargs)}
+
+
+def category_names() -> tuple[str, ...]:
+    """Every object name the world can draw ('small red circle', ...), sorted."""
+    return tuple(sorted(f"{size} {colour} {shape}" for size in SIZES for colour in COLOURS for shape in SHAPES))

@@ -14,9 +14,11 @@ from typing import Sequence
 
 import numpy as np
 
+import re
+
 from data_pipelines import regions as R
 from data_pipelines import text
-from data_pipelines.example import region_prompt
+from data_pipelines.example import ExampleError, region_prompt
 
 DENSE_REFERRING_Q = "Please classify the objects in the following locations."
 DENSE_DETECTION_Q = "Please localize visible objects in the image in a raster scan order."
@@ -35,6 +37,7 @@ class Task:
     turns: list[tuple[str, str]]
     regions: list[R.Region]
     segmentations: list[np.ndarray | None]
+    repairs: dict[str, int] = dataclasses.field(default_factory=dict)  # what was fixed on the way, by reason
 
 
 def raster_order(objects: Sequence[Annotation]) -> list[Annotation]:
@@ -111,13 +114,17 @@ def dense_detection(
     return Task([("human", DENSE_DETECTION_Q), ("gpt", f"The objects are: {_numbered(listed)}.")], [], [])
 
 
-def grounding(obj: Annotation, width: int, height: int, suffix: bool = True) -> Task:
-    """REC-style grounding (SPEC §7.1 prompt): where is <name>? -> '<name> [box]'."""
-    question = text.rec_question(obj.name)
+def grounding(name: str, boxes: Sequence[Sequence[float]], width: int, height: int, suffix: bool = True) -> Task:
+    """REC-style grounding (SPEC §7.1 prompt): where is <name>? -> '<Name> [box]', or
+    '<Name> [[box1], [box2]]' when several objects answer to the name (V2 Fig. 1)."""
+    if not boxes:
+        raise ValueError(f"no box to ground {name!r}")
+    question = text.rec_question(name)
     if suffix:
         question = text.add_grounding_suffix(question)
-    answer = f"{obj.name.capitalize()} {text.box_text(obj.box, width, height)}."
-    return Task([("human", question), ("gpt", answer)], [], [])
+    coords = [text.box_text(b, width, height) for b in boxes]
+    written = coords[0] if len(coords) == 1 else "[" + ", ".join(coords) + "]"
+    return Task([("human", question), ("gpt", f"{name[:1].upper()}{name[1:]} {written}.")], [], [])
 
 
 def referring_classification(
@@ -145,3 +152,143 @@ def _subset(objects: Sequence[Annotation], k: int, rng: np.random.Generator) -> 
     if len(objects) <= k:
         return list(objects)
     return [objects[i] for i in sorted(rng.choice(len(objects), size=k, replace=False))]
+
+
+# ----------------------------------------------------------------------------------------------
+# Conversations from files: LLaVA/ShareGPT4V as they are, GRIT with its region placeholders.
+
+
+def conversation(turns: Sequence[tuple[str, str]]) -> Task:
+    """A conversation without regions (captions, VQA, OCR): the turns as given."""
+    return Task(list(turns), [], [])
+
+
+PLACEHOLDER = re.compile(r"<bbox_location(\d+)>")
+_ANY_PLACEHOLDER = re.compile(r"<bbox_location[^>]*>")
+HUMAN_KINDS = ("point", "box")  # how a human turn's region is written (SPEC §4.3, chosen at random)
+
+
+def _checked_box(box, width: int, height: int) -> tuple[tuple[float, float, float, float], bool]:
+    """(box clipped to the image, whether clipping changed it); ExampleError for unusable boxes."""
+    try:
+        x1, y1, x2, y2 = (float(v) for v in box)
+    except (TypeError, ValueError) as e:
+        raise ExampleError("bad_region", f"box must be 4 numbers, got {box!r}") from e
+    if not all(np.isfinite([x1, y1, x2, y2])) or x2 <= x1 or y2 <= y1:
+        raise ExampleError("bad_region", f"box {box!r} has no area")
+    clipped = (max(x1, 0.0), max(y1, 0.0), min(x2, width - 1.0), min(y2, height - 1.0))
+    if clipped[2] < clipped[0] or clipped[3] < clipped[1]:
+        raise ExampleError("bad_region", f"box {box!r} lies outside the {width}x{height} image")
+    return clipped, clipped != (x1, y1, x2, y2)
+
+
+def fill_placeholders(
+    turns: Sequence[tuple[str, str]],
+    boxes: Sequence[Sequence],
+    masks: Sequence[Sequence[np.ndarray | None]] | None,
+    width: int,
+    height: int,
+    rng: np.random.Generator,
+    human_kinds: Sequence[str] = HUMAN_KINDS,
+) -> Task:
+    """GRIT turns with `<bbox_locationK>` -> hybrid region text (SPEC §5.2).
+
+    `boxes[t][K]` is the pixel box of placeholder K in turn t, `masks[t][K]` its optional bool
+    mask. In a human turn a placeholder becomes a point or a box at random plus `<region_fea>`
+    (one region each, in order of appearance); in a gpt turn, the box text. Boxes reaching outside
+    the image are clipped (counted as 'clipped_box'); unknown placeholders, boxes without area and
+    empty masks raise ExampleError.
+    """
+    if len(boxes) != len(turns) or (masks is not None and len(masks) != len(turns)):
+        raise ExampleError("bad_placeholder", f"{len(turns)} turns but {len(boxes)} box lists")
+    out_turns, regions_, segs, clipped_count = [], [], [], 0
+    for t, (role, value) in enumerate(turns):
+        pieces, last = [], 0
+        for m in _ANY_PLACEHOLDER.finditer(value):
+            full = PLACEHOLDER.fullmatch(m.group(0))
+            k = int(full.group(1)) if full else -1
+            if not 0 <= k < len(boxes[t]):
+                raise ExampleError("bad_placeholder", f"turn {t}: {m.group(0)} but {len(boxes[t])} boxes")
+            box, clipped = _checked_box(boxes[t][k], width, height)
+            clipped_count += clipped
+            if role == text.GPT_ROLE:
+                written = text.box_text(box, width, height)
+            else:
+                mask = masks[t][k] if masks is not None and k < len(masks[t]) else None
+                if mask is not None and not np.asarray(mask).any():
+                    raise ExampleError("bad_region", f"turn {t}: mask of {m.group(0)} is empty")
+                kind = human_kinds[rng.integers(len(human_kinds))]
+                region, seg, written = referring_region(Annotation("", box, mask), kind, rng, width, height)
+                regions_.append(region)
+                segs.append(seg)
+            pieces += [value[last : m.start()], written]
+            last = m.end()
+        out_turns.append((role, "".join(pieces) + value[last:]))
+    return Task(out_turns, regions_, segs, {"clipped_box": clipped_count} if clipped_count else {})
+
+
+# ----------------------------------------------------------------------------------------------
+# VQA / OCR unification (SPEC §5.3): write detector and OCR boxes into the answers.
+
+
+@dataclasses.dataclass(frozen=True)
+class Detection:
+    """A detector's box for a phrase (GLIPv2 over VQA data) or an OCR word's box."""
+
+    phrase: str
+    box: tuple[float, float, float, float]  # pixel (x1, y1, x2, y2)
+    score: float = 1.0
+
+
+def _phrase_pattern(phrase: str) -> re.Pattern:
+    words = [re.escape(w) for w in phrase.split()]
+    # whole words, case-insensitive; a plural 's'/'es' on the last word still matches
+    return re.compile(r"(?<![\w\[])" + r"\s+".join(words) + r"(?:e?s)?(?![\w\]])", re.IGNORECASE)
+
+
+def ground_answer(answer: str, detections: Sequence[Detection], width: int, height: int, min_score: float = 0.5) -> tuple[str, int]:
+    """Write each detected phrase's boxes right after its first mention in `answer`.
+
+    Several boxes for one phrase are written as a list, `cups [[x1, y1, x2, y2], [...]]`
+    (V2 Fig. 1); detections below `min_score`, without area, or whose phrase is not mentioned are
+    ignored. Returns (grounded answer, number of boxes written).
+    """
+    by_phrase: dict[str, list[tuple[float, float, float, float]]] = {}
+    for d in detections:
+        phrase = " ".join(str(d.phrase).split())
+        if not phrase or d.score < min_score:
+            continue
+        try:
+            box, _ = _checked_box(d.box, width, height)
+        except ExampleError:
+            continue
+        by_phrase.setdefault(phrase.lower(), []).append(box)
+    insertions: list[tuple[int, int, str, int]] = []  # mention (start, end), coordinates text, boxes
+    for phrase in sorted(by_phrase, key=len, reverse=True):  # longer phrases claim their words first
+        for m in _phrase_pattern(phrase).finditer(answer):
+            if any(s < m.end() and m.start() < e for s, e, _, _ in insertions):
+                continue
+            coords = [text.box_text(b, width, height) for b in by_phrase[phrase]]
+            written = coords[0] if len(coords) == 1 else "[" + ", ".join(coords) + "]"
+            insertions.append((m.start(), m.end(), written, len(coords)))
+            break
+    out = answer
+    for _, end, written, _ in sorted(insertions, reverse=True):
+        out = f"{out[:end]} {written}{out[end:]}"
+    return out, sum(n for *_, n in insertions)
+
+
+def grounded_conversation(
+    turns: Sequence[tuple[str, str]], detections: Sequence[Detection], width: int, height: int, min_score: float = 0.5
+) -> Task:
+    """A VQA/OCR conversation with the boxes written into its answers; the first question gets the
+    task-generalization suffix (SPEC §5.3) when any box was written."""
+    out, total = [], 0
+    for role, value in turns:
+        if role == text.GPT_ROLE:
+            value, n = ground_answer(value, detections, width, height, min_score)
+            total += n
+        out.append((role, value))
+    if total and out and out[0][0] == text.HUMAN_ROLE:
+        out[0] = (out[0][0], text.add_grounding_suffix(out[0][1]))
+    return Task(out, [], [])

@@ -67,9 +67,13 @@ def test_referring_kinds():
 
 def test_grounding_and_classification_prompts():
     dog = _objects()[0]
-    g = tasks.grounding(dog, W, H)
+    g = tasks.grounding(dog.name, [dog.box], W, H)
     assert g.turns[0][1] == "What is the location of dog in the image?\nInclude the coordinates for each mentioned object."
     assert g.turns[1][1] == "Dog [600, 100, 750, 400]."
+    two = tasks.grounding("red dog", [dog.box, (0, 0, 99, 49)], W, H, suffix=False)
+    assert two.turns[0][1] == "What is the location of red dog in the image?"
+    assert two.turns[1][1] == "Red dog [[600, 100, 750, 400], [0, 0, 495, 490]]."
+    assert text.parse_groundings(two.turns[1][1], W, H)[0].boxes == [(120, 10, 150, 40), (0, 0, 99, 49)]
     c = tasks.referring_classification(dog, "cat", W, H, np.random.default_rng(0))
     assert re.fullmatch(r"Is the object \[600, 100, 750, 400\] <region_fea> of the image a (dog or a cat|cat or a dog)\?", c.turns[0][1])
     assert c.turns[1][1] == "It is a dog."
@@ -87,7 +91,7 @@ def test_synthetic_scenes_become_valid_examples():
         w, h = scene.size
         objs = [tasks.Annotation(o.name, o.box, o.mask) for o in scene.objects]
         for task in (tasks.dense_referring(objs, w, h, rng), tasks.dense_detection(objs, w, h, rng),
-                     tasks.grounding(objs[0], w, h), tasks.caption(objs)):
+                     tasks.grounding(objs[0].name, [objs[0].box], w, h), tasks.caption(objs)):
             corpus += [t for _, t in task.turns]
             built.append((scene, task))
     tok = text.Tokenizer(model_proto=text.train_tiny_tokenizer(corpus + [text.SYSTEM_PROMPT], vocab_size=600))

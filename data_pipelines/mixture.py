@@ -1,0 +1,122 @@
+"""A stage's data from its config: named sources, their weights, their task functions.
+
+    config.data.sources = {
+        "grit":   {"type": "grit", "annotations": "/data/grit.json", "image_root": "/data/coco2014"},
+        "vqa":    {"type": "grounded_conversation", "annotations": "/data/llava_vqa.json",
+                   "image_root": "/data", "detections": "/data/glip.json", "min_score": 0.5},
+        "shapes": {"type": "synthetic", "split": "train", "num_records": 100000},
+    }
+    config.data.weights = {"grit": 3.0, "vqa": 1.0, "shapes": 0.5}
+
+`type` picks the reader (`SOURCE_TYPES`); the other keys are its options. The stage picks the task
+for object-annotated sources (captions / dense alignment / referring and grounding). Everything
+that is wrong with the configuration raises here, before any data is read: unknown type or
+option, weights that don't name exactly the sources, missing files.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import grain
+
+from data_pipelines import example as ex
+from data_pipelines import pipeline, synthetic
+from data_pipelines.sources import conversation, detection, evaluation, grit, tfds_source
+
+
+def _synthetic(opts: dict, stage: int):
+    return synthetic.SyntheticSource(**opts), pipeline.synthetic_task(stage)
+
+
+def _conversation(opts: dict, stage: int):
+    return conversation.ConversationSource(**opts), pipeline.conversation_task
+
+
+def _grounded_conversation(opts: dict, stage: int):
+    min_score = opts.pop("min_score", 0.5)
+    return conversation.GroundedConversationSource(**opts), pipeline.grounded_conversation_task(min_score)
+
+
+def _grit(opts: dict, stage: int):
+    return grit.GritSource(**opts), pipeline.grit_task
+
+
+def _detection(opts: dict, stage: int):
+    return detection.DetectionSource(**opts), pipeline.objects_task(stage)
+
+
+def _tfds(opts: dict, stage: int):
+    source = tfds_source.TfdsSource(**opts)
+    return source, pipeline.objects_task(stage) if source.kind == "detection" else pipeline.conversation_task
+
+
+def _refexp(opts: dict, stage: int):
+    return evaluation.RefExpSource(**opts), pipeline.refexp_task
+
+
+# type -> (options, stage) -> (source, task function)
+SOURCE_TYPES: dict[str, Callable[[dict, int], tuple[Any, pipeline.TaskFn]]] = {
+    "synthetic": _synthetic,
+    "conversation": _conversation,
+    "grounded_conversation": _grounded_conversation,
+    "grit": _grit,
+    "detection": _detection,
+    "tfds": _tfds,
+    "refexp": _refexp,
+}
+
+
+def _plain(value: Any) -> Any:
+    """ConfigDict / FrozenConfigDict -> dict, recursively (duck-typed: no ml_collections import)."""
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    return dict(value) if isinstance(value, Mapping) else value
+
+
+def build_sources(data_config: Any, stage: int) -> tuple[list, list[float], list[pipeline.TaskFn], list[str]]:
+    """(sources, weights, task functions, names) in the sorted order of the source names."""
+    cfg = _plain(data_config)
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("sources"), Mapping) or not cfg["sources"]:
+        raise ValueError("config.data.sources must map source names to {'type': ..., options}")
+    specs = {name: _plain(spec) for name, spec in cfg["sources"].items()}
+    weights = _plain(cfg.get("weights")) or {}
+    if set(weights) != set(specs):
+        raise ValueError(
+            f"config.data.weights must name exactly the sources {sorted(specs)}; "
+            f"missing {sorted(set(specs) - set(weights))}, unknown {sorted(set(weights) - set(specs))}"
+        )
+    sources, task_fns, names = [], [], sorted(specs)
+    for name in names:
+        opts = dict(specs[name])
+        kind = opts.pop("type", None)
+        if kind not in SOURCE_TYPES:
+            raise ValueError(f"source {name!r}: unknown type {kind!r}; choose from {sorted(SOURCE_TYPES)}")
+        try:
+            source, task_fn = SOURCE_TYPES[kind](opts, stage)
+        except TypeError as e:  # an option the reader doesn't take, or a required one missing
+            raise ValueError(f"source {name!r} (type {kind!r}): {e}") from e
+        except (FileNotFoundError, ValueError) as e:
+            raise type(e)(f"source {name!r} (type {kind!r}): {e}") from e
+        if len(source) == 0:
+            raise ValueError(f"source {name!r} (type {kind!r}) has no records")
+        sources.append(source)
+        task_fns.append(task_fn)
+    return sources, [float(weights[n]) for n in names], task_fns, names
+
+
+def build_stage_dataset(
+    data_config: Any,
+    stage: int,
+    tokenizer_proto: bytes,
+    example_config: ex.ExampleConfig,
+    batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.IterDataset:
+    """The per-process batch stream of a stage, from `config.data` (see the module docstring)."""
+    sources, weights, task_fns, _ = build_sources(data_config, stage)
+    return pipeline.build_dataset(
+        sources, weights, task_fns, tokenizer_proto, example_config, batch_size, seed, process_index, process_count
+    )
