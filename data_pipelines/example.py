@@ -149,8 +149,8 @@ def build_example(
 
     n, L = len(seq), config.max_length
     out = {
-        "global_image": views["global_image"].astype(np.float32),
-        "tiles": views["tiles"].astype(np.float32),
+        "global_image": np.asarray(views["global_image"], np.float32),  # fresh float32 arrays already
+        "tiles": np.asarray(views["tiles"], np.float32),
         "grid": np.asarray([cols, rows], np.int32),
         "tokens": np.full(L, PAD_ID, np.int32),
         "visual_index": np.full(L, -1, np.int32),

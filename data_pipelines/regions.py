@@ -317,8 +317,8 @@ def region_mask(
         shape = shape_mask(region, width, height)
         if not shape.any():
             raise _outside(region, width, height)
-        x1, y1, x2, y2 = region_box(region, width, height)
-        mask = box_mask(x1, y1, x2, y2, width, height) & shape
+        # bounding-box rectangle & shape == shape: the box is the shape's own bounding box.
+        mask = shape
     else:
         raise _unknown_kind(region)
     if not mask.any():
@@ -345,16 +345,17 @@ def sample_points(mask: np.ndarray, rng: np.random.Generator, num_points: int = 
     if isinstance(num_points, bool) or not isinstance(num_points, (int, np.integer)) or num_points <= 0:
         raise RegionError(f"num_points must be a positive int, got {num_points!r}")
     height, width = mask.shape
-    ys, xs = np.nonzero(mask)
-    n = xs.size
+    flat = np.flatnonzero(mask)  # raster order; (y, x) = divmod(index, W), taken only for the chosen
+    n = flat.size
     if n == 0:
         raise RegionError(f"mask of shape [H, W] = [{height}, {width}] is empty: no points to sample")
     if n >= num_points:
         idx = rng.choice(n, size=num_points, replace=False)
     else:
         idx = np.concatenate([np.arange(n), rng.integers(0, n, size=num_points - n)])
+    ys, xs = np.divmod(flat[idx], width)
     # Pixel index / size, not / (size - 1): SPEC §4.2. float64 first so only the final cast rounds.
-    points = np.stack([xs[idx] / width, ys[idx] / height], axis=1)
+    points = np.stack([xs / width, ys / height], axis=1)
     return points.astype(np.float32)
 
 
