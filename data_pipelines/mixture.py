@@ -77,9 +77,10 @@ def _plain(value: Any) -> Any:
 def build_sources(data_config: Any, stage: int) -> tuple[list, list[float], list[pipeline.TaskFn], list[str]]:
     """(sources, weights, task functions, names) in the sorted order of the source names."""
     cfg = _plain(data_config)
-    if not isinstance(cfg, dict) or not isinstance(cfg.get("sources"), Mapping) or not cfg["sources"]:
+    sources_cfg = _plain(cfg.get("sources")) if isinstance(cfg, dict) else None
+    if not isinstance(sources_cfg, dict) or not sources_cfg:
         raise ValueError("config.data.sources must map source names to {'type': ..., options}")
-    specs = {name: _plain(spec) for name, spec in cfg["sources"].items()}
+    specs = {name: _plain(spec) for name, spec in sources_cfg.items()}
     weights = _plain(cfg.get("weights")) or {}
     if set(weights) != set(specs):
         raise ValueError(
@@ -88,7 +89,7 @@ def build_sources(data_config: Any, stage: int) -> tuple[list, list[float], list
         )
     sources, task_fns, names = [], [], sorted(specs)
     for name in names:
-        opts = dict(specs[name])
+        opts = {k: (None if v == "" else v) for k, v in specs[name].items()}  # "" = unset (config placeholders)
         kind = opts.pop("type", None)
         if kind not in SOURCE_TYPES:
             raise ValueError(f"source {name!r}: unknown type {kind!r}; choose from {sorted(SOURCE_TYPES)}")
@@ -120,3 +121,21 @@ def build_stage_dataset(
     return pipeline.build_dataset(
         sources, weights, task_fns, tokenizer_proto, example_config, batch_size, seed, process_index, process_count
     )
+
+
+def synthetic_tokenizer(vocab_size: int, scenes: int = 300, seed: int = 0) -> bytes:
+    """A SentencePiece model (proto bytes) trained on the synthetic world's texts of all three
+    stages, digits split; deterministic for (vocab_size, scenes, seed). Used by the demo and tests."""
+    import numpy as np
+
+    from data_pipelines import tasks, text
+
+    source = synthetic.SyntheticSource("train", scenes, seed=seed)
+    rng = np.random.default_rng(seed)
+    corpus = [text.SYSTEM_PROMPT, text.GROUNDING_SUFFIX, tasks.DENSE_REFERRING_Q, tasks.DENSE_DETECTION_Q]
+    corpus += list(synthetic.category_names())
+    fns = [pipeline.synthetic_task(stage) for stage in (1, 2, 3)]
+    for i in range(scenes):
+        for fn in fns:
+            corpus += [t for _, t in fn(source[i], rng)[1].turns]
+    return text.train_tiny_tokenizer(corpus, vocab_size=vocab_size)

@@ -123,3 +123,116 @@ def parse_arg(arg: str | None, **defaults: Any) -> dict[str, Any]:
             raise ValueError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
         out[key] = _parse_value(value, defaults[key])
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage configs (configs/stageN.py call `stage_config(N, arg)`)
+
+TRAINABLE = {  # regexes over param paths like 'llm/layers/attn/q/kernel' (DESIGN §7)
+    1: ("proj_global/.*",),
+    2: ("proj_global/.*", "proj_local/.*", "sampler/.*"),
+    3: (".*",),
+}
+# Suggested hyperparameters (SPEC §6.2: stage I LLaVA-1.5 pretrain, stage III Ferret/LLaVA-1.5).
+_OPTIM = {
+    1: dict(lr=1e-3, batch_size=256, total_steps=5500, max_length=2048),
+    2: dict(lr=2e-4, batch_size=128, total_steps=2000, max_length=6144),
+    3: dict(lr=2e-5, batch_size=128, total_steps=10200, max_length=6144),
+}
+# Full-size data: paths left empty on purpose, set them with --config.data.sources.<name>.<key>=...
+_REAL_DATA = {
+    1: {"sharegpt4v": {"type": "conversation", "annotations": "", "image_root": ""}},
+    2: {"lvis": {"type": "detection", "annotations": "", "image_root": ""}},
+    3: {
+        "grit": {"type": "grit", "annotations": "", "image_root": ""},
+        "vqa": {"type": "grounded_conversation", "annotations": "", "image_root": "", "detections": "", "ocr": None},
+    },
+}
+_REAL_WEIGHTS = {1: {"sharegpt4v": 1.0}, 2: {"lvis": 1.0}, 3: {"grit": 3.0, "vqa": 1.0}}
+
+# CPU sizes: the synthetic world; `tiny` keeps scenes small so every stage fits a short sequence.
+_SMALL = {
+    "tiny": dict(batch_size=8, max_length=544, max_regions=3, total_steps=4, scene=dict(max_objects=3, cell_range=(28, 56))),
+    "demo": dict(batch_size=8, max_length=1280, max_regions=8, total_steps=300, scene=dict(max_objects=8)),
+}
+
+
+def _synthetic_data(size: str, stage: int) -> tuple[dict, dict, dict]:
+    small = _SMALL[size]
+    train = {"shapes": {"type": "synthetic", "split": "train", "num_records": 100_000, "seed": 0, **small["scene"]}}
+    held_out = {"shapes": {"type": "synthetic", "split": "val", "num_records": 1_000, "seed": 0, **small["scene"]}}
+    return train, {"shapes": 1.0}, held_out
+
+
+def stage_config(stage: int, arg: str | None = None):
+    """The ml_collections config of training stage 1, 2 or 3 for `arg` ('size=7b' default, '13b',
+    'demo', 'tiny'). Every key is documented inline; `--config.<key>=<value>` overrides one."""
+    import ml_collections
+
+    from ferret_jax import sharding
+
+    if stage not in TRAINABLE:
+        raise ValueError(f"stage must be 1, 2 or 3, got {stage}")
+    a = parse_arg(arg, size="7b")
+    size = a["size"]
+    backbones(size)  # validates the size
+    small = size in _SMALL
+    optim = _OPTIM[stage]
+
+    c = ml_collections.ConfigDict()
+    c.stage = stage
+    c.size = size
+    c.seed = 0
+    # FerretConfig overrides: stage I sees the global view only (SPEC §6.2).
+    c.model = ml_collections.ConfigDict({"use_local": stage > 1, "fusion": "add", "sampler_input": "raw"})
+
+    c.data = ml_collections.ConfigDict()
+    if small:
+        sources, weights, held_out = _synthetic_data(size, stage)
+        c.data.tokenizer = "synthetic"  # a SentencePiece model trained at start on the synthetic corpus
+        c.data.batch_size = _SMALL[size]["batch_size"]
+        c.data.max_length = _SMALL[size]["max_length"]
+        c.data.max_regions = _SMALL[size]["max_regions"]
+    else:
+        sources, weights, held_out = _REAL_DATA[stage], _REAL_WEIGHTS[stage], {}
+        c.data.tokenizer = ""  # path to the LLM's tokenizer.model (SentencePiece)
+        c.data.batch_size = optim["batch_size"]  # global, over all processes
+        c.data.max_length = optim["max_length"]
+        c.data.max_regions = 10 if stage > 1 else 1
+    c.data.sources = sources
+    c.data.weights = weights
+    c.data.eval_sources = held_out  # held-out data for the periodic eval loss; {} = none
+    c.data.worker_count = 0  # grain worker processes per host (0 = in the training process)
+    c.data.worker_buffer_size = 2
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.trainable = TRAINABLE[stage]
+    c.optim.lr = optim["lr"] if not small else 3e-3
+    c.optim.warmup_steps = 1 if size == "tiny" else int(0.03 * (_SMALL[size]["total_steps"] if small else optim["total_steps"]))
+    c.optim.min_lr_ratio = 0.0
+    c.optim.weight_decay = 0.0
+    c.optim.clip_norm = 1.0
+    c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.999, 1e-8
+    # (regex, multiplier) pairs: stage III trains the encoders more gently (SPEC §6.2 suggestion).
+    c.optim.lr_multipliers = (("clip/.*", 0.1), ("dino/.*", 0.1)) if stage == 3 else ()
+    c.optim.grad_accum_steps = 1
+
+    c.total_steps = _SMALL[size]["total_steps"] if small else optim["total_steps"]
+    c.log_every = 1 if small else 10
+    c.ckpt_every = 2 if size == "tiny" else 100 if small else 1000
+    c.eval_every = 2 if size == "tiny" else 50 if small else 1000
+    c.eval_batches = 1 if size == "tiny" else 4
+    c.max_nonfinite_in_a_row = 5  # consecutive skipped (NaN/Inf) updates before the run stops
+
+    c.mesh = ml_collections.ConfigDict({"shape": (1, -1, 1)})  # ('data', 'fsdp', 'tensor'); -1 = the rest
+    c.sharding_rules = tuple(sharding.RULES)
+
+    c.checkpoint = ml_collections.ConfigDict({"max_to_keep": 3, "async_save": True})
+    # Where the weights come from when the workdir has no checkpoint (DESIGN §9), in this order:
+    c.init = ml_collections.ConfigDict({
+        "resume": "",  # another run's workdir: state + data position, as if it were ours
+        "init_from": "",  # a previous stage's workdir (or export dir): its params; new subtrees keep their init
+        "pretrained": "",  # `python -m ferret_jax.convert` output: CLIP, DINOv2 and LLM weights
+    })
+    c.tensorboard = True
+    return c

@@ -31,7 +31,9 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("vocab", "tensor"),
     ("head_dim", None),
     ("layers", None),
-    ("patch", None),
+    ("patch_h", None),
+    ("patch_w", None),
+    ("channels", None),
     ("pos", None),
 )
 FALLBACK_MIN_BYTES = 1 << 20

@@ -420,7 +420,7 @@ class PatchEmbed(nn.Module):
             raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
         kernel = self.param(
             "kernel",
-            partitioned(nn.initializers.lecun_normal(), ("patch", "patch", "patch", "embed")),
+            partitioned(nn.initializers.lecun_normal(), ("patch_h", "patch_w", "channels", "embed")),
             (p, p, c, self.features),
             jnp.float32,
         )
