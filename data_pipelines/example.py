@@ -106,6 +106,32 @@ def build_example(
       ExampleError (reasons: too_many_regions, region_without_slot, slot_without_region,
       too_long, bad_region) for what the contract cannot hold.
     """
+    ids, weights = text.tokenize_conversation(_with_image_marker(turns), tokenizer)
+    return _assemble(image, ids, weights, regions, tokenizer, config, rng, segmentations)[0]
+
+
+def build_prompt(
+    image,
+    turns: Sequence[tuple[str, str]],
+    regions: Sequence[regions_lib.Region],
+    tokenizer: text.Tokenizer,
+    config: ExampleConfig,
+    rng: np.random.Generator,
+    segmentations: Sequence[np.ndarray | None] | None = None,
+) -> dict[str, np.ndarray]:
+    """A generation prompt in the batch contract: `turns` end with a human turn and the tokens end
+    right after "ASSISTANT:". Same keys as `build_example` (targets and loss mask all zero) plus
+    `prompt_length` (int32 scalar: tokens before the padding). Raises ExampleError likewise."""
+    ids = text.tokenize_prompt(_with_image_marker(turns), tokenizer)
+    out, length = _assemble(image, ids, np.zeros(len(ids), np.float32), regions, tokenizer, config, rng, segmentations)
+    out["targets"][:] = PAD_ID
+    out["prompt_length"] = np.int32(length)
+    return out
+
+
+def _assemble(image, ids, weights, regions, tokenizer, config, rng, segmentations) -> tuple[dict[str, np.ndarray], int]:
+    """Token ids (one IMAGE_ID, `<region_fea>` slots) + image + regions -> (the contract arrays,
+    the number of tokens before the padding)."""
     image = anyres.to_rgb(image)
     height, width = image.shape[:2]
     if len(regions) > config.max_regions:
@@ -116,7 +142,6 @@ def build_example(
     cols, rows = (int(v) for v in views["grid"])
     num_visual = config.num_visual_tokens(cols, rows)
 
-    ids, weights = text.tokenize_conversation(_with_image_marker(turns), tokenizer)
     slots = np.flatnonzero(ids == tokenizer.region_id)
     if len(slots) > len(regions):
         raise ExampleError("slot_without_region", f"{len(slots)} {text.REGION_TOKEN} tokens but {len(regions)} regions")
@@ -166,4 +191,4 @@ def build_example(
     # Position i predicts token i+1; its weight is that of the predicted token.
     out["targets"][: n - 1] = np.maximum(seq[1:], PAD_ID)
     out["loss_mask"][: n - 1] = w[1:]
-    return out
+    return out, n

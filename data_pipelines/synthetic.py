@@ -92,12 +92,17 @@ def make_scene(
     cell_range: tuple[int, int] = (48, 112),
     grids=anyres.GRIDS,
     max_attempts: int = 50,
+    sizes: dict[str, tuple[float, float]] | None = None,
 ) -> Scene:
     """A random scene: image size from a random any-res grid, 1..max_objects non-overlapping shapes.
 
     Objects that find no free spot after `max_attempts` tries are left out, so very crowded
-    requests may yield fewer objects (never fewer than one).
+    requests may yield fewer objects (never fewer than one). `sizes` overrides the side fractions
+    of 'small' and 'large' (e.g. a world of larger objects for a short CPU demo).
     """
+    sizes = {**SIZES, **(sizes or {})}
+    if set(sizes) != set(SIZES) or not all(0 < lo <= hi < 1 for lo, hi in sizes.values()):
+        raise ValueError(f"sizes must give (lo, hi) side fractions in (0, 1) for {sorted(SIZES)}, got {sizes}")
     if not 1 <= min_objects <= max_objects:
         raise ValueError(f"need 1 <= min_objects <= max_objects, got {min_objects}, {max_objects}")
     cols, rows = grids[rng.integers(len(grids))]
@@ -112,7 +117,7 @@ def make_scene(
         colour = list(COLOURS)[rng.integers(len(COLOURS))]
         size = list(SIZES)[rng.integers(len(SIZES))]
         for _ in range(max_attempts):
-            side = max(6, int(min(width, height) * rng.uniform(*SIZES[size])))
+            side = max(6, int(min(width, height) * rng.uniform(*sizes[size])))
             x1 = int(rng.integers(0, width - side + 1))
             y1 = int(rng.integers(0, height - side + 1))
             mask = _shape_mask(shape, (x1, y1, x1 + side - 1, y1 + side - 1), width, height)

@@ -19,6 +19,7 @@ from typing import Any
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 CHECKPOINTS = "checkpoints"
 EXPORT_PARAMS = "params"  # `ferret_jax.export` output: OUT/params + OUT/export.json
@@ -26,6 +27,7 @@ EXPORT_META = "export.json"
 
 
 def checkpoint_dir(workdir: str) -> str:
+    """WORKDIR/checkpoints; bucket paths (gs://...) are kept as they are."""
     return os.path.join(os.path.abspath(workdir) if "://" not in workdir else workdir, CHECKPOINTS)
 
 
@@ -56,7 +58,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_iter: Any, met
 def latest_step(workdir: str) -> int | None:
     """The newest complete checkpoint step of a run, or None."""
     directory = checkpoint_dir(workdir)
-    if not os.path.isdir(directory) and "://" not in directory:
+    if not epath.Path(directory).exists():
         return None
     with ocp.CheckpointManager(directory, item_names=("state", "meta"), options=ocp.CheckpointManagerOptions(read_only=True)) as m:
         return m.latest_step()
@@ -95,9 +97,8 @@ def load_params(source: str, abstract_params: Any) -> tuple[Any, dict]:
     the params are restored, never the optimizer state.
     """
     export = os.path.join(source, EXPORT_PARAMS)
-    if os.path.isdir(export):
-        with open(os.path.join(source, EXPORT_META)) as f:
-            meta = json.load(f)
+    if epath.Path(export).exists():
+        meta = json.loads((epath.Path(source) / EXPORT_META).read_text())
         with ocp.PyTreeCheckpointer() as c:
             params = c.restore(export, args=ocp.args.PyTreeRestore(item=abstract_params, restore_args=_restore_args(abstract_params)))
         return params, meta
@@ -113,14 +114,14 @@ def load_params(source: str, abstract_params: Any) -> tuple[Any, dict]:
 
 def save_params(out_dir: str, params: Any, meta: dict) -> str:
     """A params-only checkpoint `OUT/params` plus `OUT/export.json` (for inference and init_from)."""
-    path = os.path.join(os.path.abspath(out_dir), EXPORT_PARAMS)
-    if os.path.exists(path):
+    out_dir = out_dir if "://" in out_dir else os.path.abspath(out_dir)
+    path = os.path.join(out_dir, EXPORT_PARAMS)
+    if epath.Path(path).exists():
         raise FileExistsError(f"{path} already exists; choose another output directory")
-    os.makedirs(out_dir, exist_ok=True)
+    epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as c:
         c.save(path, params)
         c.wait_until_finished()
     if jax.process_index() == 0:
-        with open(os.path.join(out_dir, EXPORT_META), "w") as f:
-            json.dump(meta, f, indent=2)
+        (epath.Path(out_dir) / EXPORT_META).write_text(json.dumps(meta, indent=2))
     return path

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import app, flags, logging
+from etils import epath
 from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
@@ -84,12 +85,24 @@ def check_config(config) -> None:
         )
 
 
+def is_remote(path: str) -> bool:
+    return "://" in path
+
+
+def log_dir(workdir: str) -> str:
+    """Where metrics.jsonl and TensorBoard events go: the workdir, or for a bucket workdir
+    (gs://...) a local `ferret_logs/<bucket path>` beside the process (appending to objects in a
+    bucket is not possible)."""
+    if not is_remote(workdir):
+        return workdir
+    return os.path.join(os.getcwd(), "ferret_logs", workdir.split("://", 1)[1].strip("/"))
+
+
 def load_tokenizer(config, workdir: str, vocab_size: int) -> bytes:
     """The run's SentencePiece model: kept in the workdir so a resumed run tokenizes identically."""
-    path = os.path.join(workdir, TOKENIZER_FILE)
-    if os.path.exists(path):
-        with open(path, "rb") as f:
-            proto = f.read()
+    path = epath.Path(workdir) / TOKENIZER_FILE
+    if path.exists():
+        proto = path.read_bytes()
     elif config.data.tokenizer == "synthetic":
         proto = mixture.synthetic_tokenizer(vocab_size - 1)
     elif config.data.tokenizer and os.path.isfile(config.data.tokenizer):
@@ -102,10 +115,9 @@ def load_tokenizer(config, workdir: str, vocab_size: int) -> bytes:
     region_id = text.Tokenizer(model_proto=proto).region_id
     if region_id >= vocab_size:
         raise ValueError(f"the tokenizer needs {region_id + 1} ids (with <region_fea>), the LLM vocab has {vocab_size}")
-    if jax.process_index() == 0 and not os.path.exists(path):
-        os.makedirs(workdir, exist_ok=True)
-        with open(path, "wb") as f:
-            f.write(proto)
+    if jax.process_index() == 0 and not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(proto)
     return proto
 
 
@@ -177,7 +189,7 @@ def make_train_step(model: Ferret, tx: optax.GradientTransformation, mask: Any, 
         zeros = jax.tree.map(jnp.zeros_like, trainable)
         keys = jax.random.split(key, accum)
         (grads, loss, correct), _ = jax.lax.scan(one, (zeros, 0.0, 0.0), (micro, keys))
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         full_grads = _merge(grads, jax.tree.map(jnp.zeros_like, frozen))  # set_to_zero ignores these
         updates, opt_state = tx.update(full_grads, state["opt_state"], state["params"])
@@ -231,15 +243,17 @@ def device_batch(local: dict, batch_sharding: NamedSharding) -> tuple[dict, dict
 class MetricsWriter:
     """JSONL + TensorBoard on process 0; a console progress line with ETA."""
 
-    def __init__(self, workdir: str, total_steps: int, stage: int, tensorboard: bool):
+    def __init__(self, directory: str, total_steps: int, stage: int, tensorboard: bool):
         self.primary = jax.process_index() == 0
         self.total, self.stage = total_steps, stage
-        self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a") if self.primary else None
-        self._tb = None
+        self._jsonl, self._tb = None, None
+        if self.primary:
+            os.makedirs(directory, exist_ok=True)
+            self._jsonl = open(os.path.join(directory, METRICS_FILE), "a")
         if self.primary and tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._tb = SummaryWriter(os.path.join(directory, "tensorboard"))
         self._start, self._start_step = time.time(), None
 
     def write(self, step: int, metrics: dict) -> None:
@@ -335,11 +349,21 @@ def _initial_params(config, abstract_params, shardings, init_fn, log) -> tuple[A
     return init_fn(), "random init"
 
 
-def train(config, workdir: str) -> dict:
-    """Runs (or resumes) the stage; returns the last logged metrics."""
+def train(config, workdir: str, stop_requested: Callable[[int], bool] | None = None) -> dict:
+    """Runs (or resumes) the stage; returns the last logged metrics.
+
+    `stop_requested(step)` is asked after every step, like SIGTERM: True saves a checkpoint and
+    returns (a notebook's stop button; the same command later resumes). SIGTERM is caught from the
+    start, so a preemption during start-up also ends in a checkpoint after the next step.
+    """
+    with _Preemption() as preemption:
+        return _train(config, workdir, stop_requested, preemption)
+
+
+def _train(config, workdir: str, stop_requested, preemption: "_Preemption") -> dict:
     check_config(config)
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    workdir = workdir if is_remote(workdir) else os.path.abspath(workdir)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     mesh = sharding.make_mesh(tuple(config.mesh.shape))
     rules = tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in config.sharding_rules)
     batch_devices = math.prod(mesh.shape[a] for a in BATCH_AXES)
@@ -352,8 +376,6 @@ def train(config, workdir: str) -> dict:
     model = Ferret(mcfg)
 
     # Parameters: abstract first, so nothing full-size ever lives on one host.
-    proto = load_tokenizer(config, workdir, mcfg.llm.vocab_size)
-    ecfg = ex.ExampleConfig.for_model(mcfg, config.data.max_length, config.data.max_regions)
     sample = example_batch(mcfg, batch=1, length=config.data.max_length, regions=config.data.max_regions)
     boxed = jax.eval_shape(model.init, jax.random.key(config.seed), sample)["params"]
     param_shards = sharding.param_shardings(boxed, mesh, rules)
@@ -371,6 +393,8 @@ def train(config, workdir: str) -> dict:
     batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
 
     # Data: this process's share of every global batch.
+    proto = load_tokenizer(config, workdir, mcfg.llm.vocab_size)
+    ecfg = ex.ExampleConfig.for_model(mcfg, config.data.max_length, config.data.max_regions)
     local_batch = config.data.batch_size // jax.process_count()
     dataset = mixture.build_stage_dataset(
         config.data, config.stage, proto, ecfg, local_batch, config.seed, jax.process_index(), jax.process_count()
@@ -381,7 +405,7 @@ def train(config, workdir: str) -> dict:
         )
     data_iter = iter(dataset)
 
-    writer = MetricsWriter(workdir, config.total_steps, config.stage, config.tensorboard)
+    writer = MetricsWriter(log_dir(workdir), config.total_steps, config.stage, config.tensorboard)
     log = writer.log
     mngr = checkpoint.manager(workdir, config.checkpoint.max_to_keep, config.checkpoint.async_save)
     meta = {"stage": config.stage, "size": config.size, "model": dataclasses.asdict(mcfg), "mesh": dict(mesh.shape),
@@ -402,7 +426,7 @@ def train(config, workdir: str) -> dict:
                 config, abstract_params, param_shards, lambda: init_params(jax.random.key(config.seed)), log
             )
             state = jax.jit(lambda p: init_state(p, tx), out_shardings=shards)(params)
-        step = int(jax.device_get(state["step"]))
+        step = start_step = int(jax.device_get(state["step"]))
         log(f"[init] {origin}; mesh {dict(mesh.shape)} on {jax.device_count()} devices, {jax.process_count()} process(es)")
         log(optim.param_table(abstract_params, mask))
         log(f"[init] optimizer state {optim.optimizer_state_bytes(abstract_state['opt_state']) / 2**20:.1f} MiB (frozen leaves hold none)")
@@ -417,37 +441,38 @@ def train(config, workdir: str) -> dict:
         last: dict = {}
         pending = None  # (step, metrics on device, host stats, times) of the step before
         window = {"data_s": 0.0, "step_s": 0.0, "tokens": 0}
-        with _Preemption() as preemption:
-            while step < config.total_steps:
-                t0 = time.time()
-                local = next(data_iter)
-                t_data = time.time() - t0
-                batch, stats = device_batch(local, batch_sharding)
-                state, metrics = train_step(state, batch)
-                step += 1
-                if pending is not None:
-                    last = _finish(pending, config, writer, window) or last
-                window["data_s"] += t_data
-                window["tokens"] += int((local["tokens"] != ex.PAD_ID).sum()) * jax.process_count()
-                pending = (step, metrics, stats, t0)
-                if preemption.requested:
-                    last = _finish(pending, config, writer, window) or last
-                    pending = None
-                    checkpoint.save(mngr, step, state, data_iter, {**meta, "step": step})
-                    mngr.wait_until_finished()
-                    log(f"[preempted] SIGTERM: saved step {step} in {checkpoint.checkpoint_dir(workdir)}; exiting")
-                    break
-                if step % config.ckpt_every == 0 and step < config.total_steps:
-                    checkpoint.save(mngr, step, state, data_iter, {**meta, "step": step})
-                if evaluate is not None and step % config.eval_every == 0:
-                    mngr.wait_until_finished()
-                    eval_metrics = evaluate(state["params"])
-                    writer.write(step, eval_metrics)
-                    log(f"[eval] step {step} held-out loss {eval_metrics['eval/loss']:.4f} acc {eval_metrics['eval/accuracy']:.3f}")
-                    last.update(eval_metrics)
-            else:
-                if pending is not None:
-                    last = _finish(pending, config, writer, window, force=True) or last
+        while step < config.total_steps:
+            t0 = time.time()
+            local = next(data_iter)
+            t_data = time.time() - t0
+            batch, stats = device_batch(local, batch_sharding)
+            state, metrics = train_step(state, batch)
+            step += 1
+            if pending is not None:
+                last = _finish(pending, config, writer, window) or last
+            window["data_s"] += t_data
+            window["tokens"] += int((local["tokens"] != ex.PAD_ID).sum()) * jax.process_count()
+            pending = (step, metrics, stats, t0)
+            if preemption.requested or (stop_requested is not None and stop_requested(step)):
+                last = _finish(pending, config, writer, window, force=True) or last
+                pending = None
+                checkpoint.save(mngr, step, state, data_iter, {**meta, "step": step})
+                mngr.wait_until_finished()
+                why = "SIGTERM" if preemption.requested else "stop requested"
+                log(f"[stopped] {why}: saved step {step} in {checkpoint.checkpoint_dir(workdir)}; rerun to resume")
+                break
+            if step % config.ckpt_every == 0 and step < config.total_steps:
+                checkpoint.save(mngr, step, state, data_iter, {**meta, "step": step})
+            if evaluate is not None and step % config.eval_every == 0:
+                mngr.wait_until_finished()
+                eval_metrics = evaluate(state["params"])
+                writer.write(step, eval_metrics)
+                log(f"[eval] step {step} held-out loss {eval_metrics['eval/loss']:.4f} acc {eval_metrics['eval/accuracy']:.3f}")
+                last.update(eval_metrics)
+        else:
+            if pending is not None:
+                last = _finish(pending, config, writer, window, force=True) or last
+            if step > start_step:  # a run resumed at its last step has nothing new to save
                 checkpoint.save(mngr, step, state, data_iter, {**meta, "step": step})
         mngr.wait_until_finished()
         mngr.close()
@@ -505,19 +530,22 @@ def _evaluator(config, proto, ecfg, local_batch, eval_step, batch_sharding):
 # ----------------------------------------------------------------------------------------------
 # CLI
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/stageN.py[:arg]", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "run directory: checkpoints, metrics, tokenizer")
+def main() -> None:
+    """The command line; flags are defined here so importing this module defines none."""
+    config_flag = config_flags.DEFINE_config_file("config", None, "configs/stageN.py[:arg]", lock_config=True)
+    workdir_flag = flags.DEFINE_string("workdir", None, "run directory: checkpoints, metrics, tokenizer")
+    flags.mark_flags_as_required(["config", "workdir"])
 
+    def run(argv) -> None:
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments {argv[1:]}")
+        if not flags.FLAGS["verbosity"].present:  # checkpoint libraries log every save at INFO
+            logging.set_verbosity(logging.WARNING)
+        maybe_initialize_distributed()
+        train(config_flag.value, workdir_flag.value)
 
-def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:  # checkpoint libraries log every save at INFO
-        logging.set_verbosity(logging.WARNING)
-    maybe_initialize_distributed()
-    train(_CONFIG.value, _WORKDIR.value)
+    app.run(run)
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    main()

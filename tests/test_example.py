@@ -136,3 +136,24 @@ def test_model_consumes_built_examples(tokenizer, setup):
     (slot,) = np.flatnonzero(e1["region_index"] >= 0)
     text_emb = jax.jit(lambda p, t: model.apply({"params": p}, t, method=lambda m, t: m.llm.embed(t)))(params, batch["tokens"])
     assert np.abs(np.asarray(emb[0, slot]) - np.asarray(text_emb[0, slot])).max() > 1e-3  # replaced by the sampler
+
+
+def test_build_prompt_is_the_example_before_the_answer():
+    """The generation prompt equals the training example's tokens up to "ASSISTANT:"."""
+    corpus = [text.SYSTEM_PROMPT, "What is in the box? A small red circle."]
+    tok = text.Tokenizer(model_proto=text.train_tiny_tokenizer(corpus, vocab_size=300))
+    cfg = ex.ExampleConfig(max_length=512, max_regions=2, global_size=28, cell=28, max_tiles=4, global_grid=2,
+                           tile_grid=2, num_points=8)
+    image = np.zeros((40, 60, 3), np.uint8)
+    region = R.Box(5, 5, 20, 30)
+    question = f"What is in {ex.region_prompt(region, 60, 40)}?"
+    full = ex.build_example(image, [("human", question), ("gpt", "A small red circle.")], [region], tok, cfg,
+                            np.random.default_rng(0))
+    prompt = ex.build_prompt(image, [("human", question)], [region], tok, cfg, np.random.default_rng(0))
+    n = int(prompt["prompt_length"])
+    answer = tok.encode("A small red circle.") + [tok.eos_id]
+    assert n + len(answer) == int((full["tokens"] != ex.PAD_ID).sum())
+    np.testing.assert_array_equal(prompt["tokens"][:n], full["tokens"][:n])
+    assert (prompt["tokens"][n:] == ex.PAD_ID).all() and prompt["loss_mask"].sum() == 0
+    for key in ("visual_index", "region_index", "region_points", "region_valid", "global_image", "tiles", "grid"):
+        np.testing.assert_array_equal(prompt[key], full[key])
