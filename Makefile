@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?= -n 2 --dist loadfile
 
-.PHONY: install test bench clean
+.PHONY: install test demo bench clean
 
 $(VENV)/.installed: pyproject.toml requirements.txt requirements-convert.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,13 @@ install: $(VENV)/.installed
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Trains the three stages of the demo config on the synthetic world (CPU), evaluates on held-out
+# scenes, writes demo_out/results.json and demo_out/grounded.png.
+demo: install
+	$(PY) -m ferret_jax.demo --out demo_out
+
 bench: install
 	$(PY) benchmarks/bench_backbones.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache build *.egg-info demo_out

@@ -27,6 +27,7 @@ SKIP_REASONS = (
 )
 REPAIR_REASONS = ("clipped_box", "dropped_annotation")
 MAX_REDRAWS = 16
+MAX_QUESTIONS = 3  # stage III questions per image (each may refer to one region)
 
 # A task function turns one source record into (image, Task).
 TaskFn = Callable[[dict, np.random.Generator], tuple[np.ndarray, tasks.Task]]
@@ -122,9 +123,11 @@ def _check_stage(stage: int) -> int:
 
 def objects_task(stage: int) -> TaskFn:
     """Records with named objects (`{'image', 'objects', 'categories'}`: COCO/LVIS, TFDS detection,
-    the synthetic world): stage 1 captions; stage 2 dense referring or detection (SPEC §5.3);
-    stage 3 grounding with the coordinates suffix, referring classification against a category
-    absent from the image, or dense referring."""
+    the synthetic world), one multi-turn conversation per image:
+    stage 1, a caption; stage 2, Dense Referring and Dense Detection (SPEC §5.3) in random order;
+    stage 3, one question for each of up to MAX_QUESTIONS objects in random order, each
+    grounding with the coordinates suffix or referring classification against a category absent
+    from the image (point, box or free-form, at random)."""
     _check_stage(stage)
 
     def fn(record: dict, rng: np.random.Generator):
@@ -133,20 +136,20 @@ def objects_task(stage: int) -> TaskFn:
         if stage == 1:
             return image, tasks.caption(objs)
         if stage == 2:
-            build = tasks.dense_referring if rng.integers(2) == 0 else tasks.dense_detection
-            return image, build(objs, w, h, rng)
-        obj = objs[rng.integers(len(objs))]
-        choice = rng.integers(3)
-        if choice == 0:
-            return image, tasks.grounding(obj.name, [o.box for o in objs if o.name == obj.name], w, h)
-        if choice == 1:
-            present = {o.name for o in objs}
-            negatives = [c for c in record["categories"] if c not in present]
-            if negatives:
+            parts = [tasks.dense_referring(objs, w, h, rng), tasks.dense_detection(objs, w, h, rng)]
+            return image, tasks.combine(parts[:: 1 if rng.integers(2) else -1])
+        present = {o.name for o in objs}
+        negatives = [c for c in record["categories"] if c not in present]
+        parts = []
+        for k in rng.permutation(len(objs))[: MAX_QUESTIONS]:
+            obj = objs[k]
+            if negatives and rng.integers(2):
                 kind = tasks.REFERRING_KINDS[rng.integers(len(tasks.REFERRING_KINDS))]
                 negative = negatives[rng.integers(len(negatives))]
-                return image, tasks.referring_classification(obj, negative, w, h, rng, kind)
-        return image, tasks.dense_referring(objs, w, h, rng)
+                parts.append(tasks.referring_classification(obj, negative, w, h, rng, kind))
+            else:
+                parts.append(tasks.grounding(obj.name, [o.box for o in objs if o.name == obj.name], w, h))
+        return image, tasks.combine(parts)
 
     return fn
 

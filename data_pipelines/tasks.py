@@ -146,6 +146,20 @@ def caption(objects: Sequence[Annotation]) -> Task:
     return Task([("human", "Describe the image briefly."), ("gpt", f"The image shows {body}.")], [], [])
 
 
+def combine(parts: Sequence[Task]) -> Task:
+    """One multi-turn conversation from single-turn tasks about the same image: turns, regions and
+    segmentations concatenated in order, repairs summed. The image and system prompt are paid once
+    for all the answers, which is most of a short example's sequence."""
+    if not parts:
+        raise ValueError("nothing to combine")
+    repairs: dict[str, int] = {}
+    for p in parts:
+        for k, v in p.repairs.items():
+            repairs[k] = repairs.get(k, 0) + v
+    return Task([t for p in parts for t in p.turns], [r for p in parts for r in p.regions],
+                [s for p in parts for s in p.segmentations], repairs)
+
+
 def _subset(objects: Sequence[Annotation], k: int, rng: np.random.Generator) -> list[Annotation]:
     if not objects:
         raise ValueError("no objects to build a task from")

@@ -60,7 +60,7 @@ def latest_step(workdir: str) -> int | None:
     directory = checkpoint_dir(workdir)
     if not epath.Path(directory).exists():
         return None
-    with ocp.CheckpointManager(directory, item_names=("state", "meta"), options=ocp.CheckpointManagerOptions(read_only=True)) as m:
+    with ocp.CheckpointManager(directory, item_names=("state", "meta"), options=ocp.CheckpointManagerOptions(create=False)) as m:
         return m.latest_step()
 
 
@@ -82,7 +82,7 @@ def read_meta(workdir: str, step: int | None = None) -> dict:
     step = latest_step(workdir) if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {checkpoint_dir(workdir)}")
-    with ocp.CheckpointManager(checkpoint_dir(workdir), item_names=("meta",), options=ocp.CheckpointManagerOptions(read_only=True)) as m:
+    with ocp.CheckpointManager(checkpoint_dir(workdir), item_names=("meta",), options=ocp.CheckpointManagerOptions(create=False)) as m:
         return dict(m.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
 
 

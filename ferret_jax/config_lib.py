@@ -44,16 +44,17 @@ TINY = dict(
     clip=ClipConfig(image_size=28, patch_size=14, hidden_size=32, num_layers=3, num_heads=2, mlp_dim=64),
     dino=Dinov2Config(image_size=42, patch_size=14, hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64),
     llm=LlamaConfig(
-        vocab_size=320, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+        vocab_size=1024, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
         max_position_embeddings=1024,
     ),
 )
-# CPU-sized: trains all three stages on the synthetic world in minutes.
+# CPU-sized: trains all three stages on the synthetic world in minutes. Patch 8 on 48-pixel views
+# keeps the visual token count small (6x6 per view) while boxes stay learnable.
 DEMO = dict(
-    clip=ClipConfig(image_size=112, patch_size=14, hidden_size=128, num_layers=3, num_heads=4, mlp_dim=256, select_layer=-1),
-    dino=Dinov2Config(image_size=112, patch_size=14, hidden_size=128, num_layers=2, num_heads=4, mlp_dim=256),
+    clip=ClipConfig(image_size=48, patch_size=8, hidden_size=128, num_layers=2, num_heads=4, mlp_dim=256, select_layer=-1),
+    dino=Dinov2Config(image_size=48, patch_size=8, hidden_size=128, num_layers=2, num_heads=4, mlp_dim=256),
     llm=LlamaConfig(
-        vocab_size=512, hidden_size=128, intermediate_size=352, num_layers=3, num_heads=4, num_kv_heads=4,
+        vocab_size=1024, hidden_size=128, intermediate_size=352, num_layers=3, num_heads=4, num_kv_heads=4,
         max_position_embeddings=2048,
     ),
 )
@@ -84,7 +85,7 @@ def backbones(size: str) -> dict[str, Any]:
 # Image sides and sampler sizes per preset; the 7B/13B values are the paper defaults (SPEC App. B).
 _FERRET = {
     "tiny": dict(global_size=28, cell=28, max_tiles=4, sampler=SamplerConfig(num_points=64, stages=((16, 8), (8, 8)))),
-    "demo": dict(global_size=112, cell=112, max_tiles=4, sampler=SamplerConfig(num_points=128, stages=((32, 12), (8, 8)))),
+    "demo": dict(global_size=48, cell=48, max_tiles=2, sampler=SamplerConfig(num_points=64, stages=((16, 8), (4, 8)))),
     "7b": dict(global_size=336, cell=336, max_tiles=6),
     "13b": dict(global_size=336, cell=336, max_tiles=6),
 }
@@ -151,9 +152,22 @@ _REAL_DATA = {
 _REAL_WEIGHTS = {1: {"sharegpt4v": 1.0}, 2: {"lvis": 1.0}, 3: {"grit": 3.0, "vqa": 1.0}}
 
 # CPU sizes: the synthetic world; `tiny` keeps scenes small so every stage fits a short sequence.
+# The demo world has 1-3 large objects on 1x1, 2x1 and 1x2 grids of ~48-pixel cells: small enough
+# to learn grounding in minutes on a CPU, still any-resolution.
+_DEMO_SCENE = dict(
+    max_objects=3, cell_range=(44, 56), grids=((1, 1), (2, 1), (1, 2)),
+    sizes={"small": (0.25, 0.35), "large": (0.4, 0.55)},
+)
 _SMALL = {
-    "tiny": dict(batch_size=8, max_length=544, max_regions=3, total_steps=4, scene=dict(max_objects=3, cell_range=(28, 56))),
-    "demo": dict(batch_size=8, max_length=1280, max_regions=8, total_steps=300, scene=dict(max_objects=8)),
+    "tiny": dict(batch_size=8, max_length=384, max_regions=3, total_steps=4, scene=dict(max_objects=3, cell_range=(28, 56))),
+    "demo": dict(batch_size=16, max_length=448, max_regions=3, total_steps={1: 100, 2: 250, 3: 500}, scene=_DEMO_SCENE),
+}
+# The demo starts from random backbones, so its stages also train what the paper keeps frozen
+# (the 7B/13B configs keep the paper's sets, TRAINABLE above).
+DEMO_TRAINABLE = {
+    1: ("clip/.*", "proj_global/.*", "llm/.*"),
+    2: (".*",),
+    3: (".*",),
 }
 
 
@@ -162,6 +176,11 @@ def _synthetic_data(size: str, stage: int) -> tuple[dict, dict, dict]:
     train = {"shapes": {"type": "synthetic", "split": "train", "num_records": 100_000, "seed": 0, **small["scene"]}}
     held_out = {"shapes": {"type": "synthetic", "split": "val", "num_records": 1_000, "seed": 0, **small["scene"]}}
     return train, {"shapes": 1.0}, held_out
+
+
+def _small_steps(size: str, stage: int) -> int:
+    steps = _SMALL[size]["total_steps"]
+    return steps[stage] if isinstance(steps, dict) else steps
 
 
 def stage_config(stage: int, arg: str | None = None):
@@ -206,9 +225,9 @@ def stage_config(stage: int, arg: str | None = None):
     c.data.worker_buffer_size = 2
 
     c.optim = ml_collections.ConfigDict()
-    c.optim.trainable = TRAINABLE[stage]
+    c.optim.trainable = DEMO_TRAINABLE[stage] if size == "demo" else TRAINABLE[stage]
     c.optim.lr = optim["lr"] if not small else 3e-3
-    c.optim.warmup_steps = 1 if size == "tiny" else int(0.03 * (_SMALL[size]["total_steps"] if small else optim["total_steps"]))
+    c.optim.warmup_steps = 1 if size == "tiny" else int(0.03 * (_small_steps(size, stage) if small else optim["total_steps"]))
     c.optim.min_lr_ratio = 0.0
     c.optim.weight_decay = 0.0
     c.optim.clip_norm = 1.0
@@ -217,7 +236,7 @@ def stage_config(stage: int, arg: str | None = None):
     c.optim.lr_multipliers = (("clip/.*", 0.1), ("dino/.*", 0.1)) if stage == 3 else ()
     c.optim.grad_accum_steps = 1
 
-    c.total_steps = _SMALL[size]["total_steps"] if small else optim["total_steps"]
+    c.total_steps = _small_steps(size, stage) if small else optim["total_steps"]
     c.log_every = 1 if small else 10
     c.ckpt_every = 2 if size == "tiny" else 100 if small else 1000
     c.eval_every = 2 if size == "tiny" else 50 if small else 1000

@@ -37,7 +37,6 @@ def export(workdir: str, out: str, dtype: str = "float32", step: int | None = No
                                                                restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
     params = jax.tree.map(lambda x: jnp.asarray(x, jnp.dtype(dtype)), restored["params"])
     meta = {**checkpoint.read_meta(workdir, step), "dtype": dtype, "source": os.path.abspath(workdir)}
-    meta.pop("config", None)
     out_path = checkpoint.save_params(out, params, meta)
     tokenizer = os.path.join(workdir, "tokenizer.model")
     if os.path.exists(tokenizer):

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from ferret_jax.models import layers
 
-KVCache = dict  # {'k': [layers, B, S, Hkv, Dh], 'v': same}
+KVCache = dict  # {'k': [layers, B, Hkv, Dh, S], 'v': same}; slots S minor (see init_kv_cache)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,18 +91,27 @@ def attention_mask(t: int, cache_len: int | None, cache_index, kv_mask: jax.Arra
 
 
 def init_kv_cache(config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-    """Zeroed cache for `max_len` slots: `{'k', 'v'}` each `[layers, B, max_len, Hkv, Dh]`."""
-    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.dim_per_head)
+    """Zeroed cache for `max_len` slots: `{'k', 'v'}` each `[layers, B, Hkv, Dh, max_len]`.
+
+    Slots are the minor axis: a layer's keys and values then feed the attention dots as they lie
+    (slot-major, XLA:CPU would transpose a layer's whole cache at every decoding step).
+    """
+    shape = (config.num_layers, batch, config.num_kv_heads, config.dim_per_head, max_len)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
 class LlamaBlock(nn.Module):
-    """One decoder layer, scan-compatible: `(x, layer_cache, ...) -> (x, new_layer_cache)`."""
+    """One decoder layer, scan-compatible: `((x, cache), layer, ...) -> ((x, cache), None)`.
+
+    The whole cache rides in the scan carry and each layer writes its T new slots in place at
+    `[layer, ..., cache_index:]`; as per-layer scan inputs/outputs it would be copied every step.
+    """
 
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, layer_cache, rope, mask, cache_index):
+    def __call__(self, carry, layer, rope, mask, cache_index):
+        x, cache = carry
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         dh = cfg.dim_per_head
@@ -111,15 +120,20 @@ class LlamaBlock(nn.Module):
         k = layers.HeadsProjection(cfg.num_kv_heads, dh, "kv_heads", use_bias=False, dtype=dtype, name="k")(h)
         v = layers.HeadsProjection(cfg.num_kv_heads, dh, "kv_heads", use_bias=False, dtype=dtype, name="v")(h)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        if layer_cache is None:
-            keys, values, new_cache = k, v, None
+        if cache is None:
+            keys, values = k, v
         else:
-            start = (0, cache_index, 0, 0)
-            keys = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), start)
-            values = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), start)
-            new_cache = {"k": keys, "v": values}
-            keys, values = keys.astype(dtype), values.astype(dtype)
-        if layer_cache is None:
+            start = (layer, 0, 0, 0, cache_index)
+            new = {"k": k, "v": v}  # [B, T, Hkv, Dh] -> [1, B, Hkv, Dh, T] at this layer's slots
+            cache = {
+                name: jax.lax.dynamic_update_slice(c, new[name].transpose(0, 2, 3, 1)[None].astype(c.dtype), start)
+                for name, c in cache.items()
+            }
+            keys, values = (
+                jax.lax.dynamic_index_in_dim(cache[name], layer, 0, False).transpose(0, 3, 1, 2).astype(dtype)
+                for name in ("k", "v")
+            )
+        if cache is None:
             attn = layers.causal_attention(q, keys, values, mask, cfg.attention_chunk)
         else:
             attn = layers.dot_product_attention(q, keys, values, mask)
@@ -131,7 +145,7 @@ class LlamaBlock(nn.Module):
             jax.nn.silu(gate) * up
         )
         x = nn.with_logical_constraint(x, ("batch", "length", "embed_act"))
-        return x, new_cache
+        return (x, cache), None
 
 
 class Llama(nn.Module):
@@ -172,6 +186,7 @@ class Llama(nn.Module):
         kv_mask: jax.Array | None = None,
         cache: KVCache | None = None,
         cache_index: jax.Array | int = 0,
+        logits_to_keep: int = 0,
     ) -> tuple[jax.Array, KVCache | None]:
         """Causal forward over T new tokens.
 
@@ -184,9 +199,11 @@ class Llama(nn.Module):
           cache: KV cache from `init_kv_cache`; the new keys/values are written at slots
             `[cache_index, cache_index + T)` and every query attends slots `<=` its own.
           cache_index: scalar slot of the first new token.
+          logits_to_keep: > 0: logits of the last `logits_to_keep` positions only (a decoding
+            prefill needs one; the lm_head dominates its cost otherwise); 0: all T.
 
         Returns:
-          fp32 logits `[B, T, V]` and the updated cache (None without a cache).
+          fp32 logits `[B, T, V]` (`[B, logits_to_keep, V]`) and the updated cache (None without one).
         """
         if (tokens is None) == (embeddings is None):
             raise ValueError("pass exactly one of tokens or embeddings")
@@ -196,8 +213,8 @@ class Llama(nn.Module):
             positions = jnp.broadcast_to(cache_index + jnp.arange(t), (b, t))
         # RoPE tables and the mask are shared by all layers: built once, outside the scan.
         rope = rotary_tables(positions, self.config.dim_per_head, self.config.rope_theta, x.dtype)
-        mask = attention_mask(t, None if cache is None else cache["k"].shape[2], cache_index, kv_mask)
-        x, cache = self.layers(x, cache, rope, mask, cache_index)
-        x = self.final_norm(x)
+        mask = attention_mask(t, None if cache is None else cache["k"].shape[-1], cache_index, kv_mask)
+        (x, cache), _ = self.layers((x, cache), jnp.arange(self.config.num_layers), rope, mask, cache_index)
+        x = self.final_norm(x if logits_to_keep <= 0 else x[:, -logits_to_keep:])
         logits = layers.matmul(x, self.lm_head.astype(x.dtype), 1, out_dtype=jnp.float32)
         return logits, cache

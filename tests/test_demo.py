@@ -1,0 +1,22 @@
+"""`make demo` in miniature: three stages of a few steps each on the synthetic world, evaluation,
+the results file and the picture of grounded answers."""
+
+import json
+
+from PIL import Image
+
+from ferret_jax import demo
+
+
+def test_quick_demo_runs_end_to_end(tmp_path):
+    results = demo.run(str(tmp_path), quick=True, log=lambda _: None)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved.keys() == results.keys()
+    for stage in (1, 2, 3):
+        r = saved[f"stage{stage}"]
+        assert 0 <= r["grounding_acc50"] <= 1 and 0 <= r["referring_acc"] <= 1 and r["seconds"] > 0
+        assert r["trains"] == demo.stage_trains(stage)
+    assert 0 <= saved["baseline_constant_box_acc50"] <= 1 and saved["chance_referring_acc"] == 0.5
+    with Image.open(tmp_path / "grounded.png") as im:
+        assert im.width > 300 and im.height > 300
+    assert demo.stage_trains(1) == "clip, proj_global, llm" and demo.stage_trains(3) == "everything"
