@@ -254,9 +254,9 @@ def test_cached_equals_uncached_greedy_ferret(ferret):
 
 
 def test_sharded_ferret_generate_equals_unsharded(ferret):
-    """Params sharded as the trainer shards them, batch over ('data', 'fsdp') on 8 devices."""
+    """Params sharded as the trainer shards them (fsdp and tensor), batch over ('data', 'fsdp')."""
     model, params, batch, unsharded = ferret
-    mesh = sharding.make_mesh((1, 2, 4))
+    mesh = sharding.make_mesh((1, 2, 2), devices=jax.devices()[:4])
     boxed = jax.eval_shape(model.init, jax.random.key(0), example_batch(model.config, 2, LENGTH))["params"]
     shardings = sharding.param_shardings(boxed, mesh)
     sharded_params = jax.device_put(params, shardings)
