@@ -19,10 +19,8 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from ferret_jax.convert import convert_llama  # noqa: E402
 from ferret_jax.generate import Sampling, llama_generate  # noqa: E402
 from ferret_jax.models import Llama  # noqa: E402
+from timing import interleaved  # noqa: E402
 
 LLAMA = dict(
     vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
@@ -43,28 +42,6 @@ LLAMA = dict(
 PROMPT, NEW = 128, 128
 CHECK_TOKENS = 16
 BATCHES = (1, 8)
-# Idle time before each timed call: the previous framework's worker threads (OpenMP / XLA's pool)
-# keep spinning for a while after their last op and would otherwise steal the cores.
-SETTLE_S = 0.5
-
-
-def _time(fn) -> float:
-    time.sleep(SETTLE_S)
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def interleaved(fns: dict, repeats: int) -> dict[str, float]:
-    """Median seconds per call of each fn, alternating between them each repeat."""
-    for fn in fns.values():  # warm-up (and compile)
-        fn()
-        fn()
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            times[k].append(_time(fn))
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _ours(llm, params, ids: np.ndarray, new: int):

@@ -6,15 +6,15 @@ import json
 import math
 import os
 
-import jax
 import numpy as np
 import pytest
 from absl import flags
 
-from data_pipelines import mixture, regions as R, synthetic, tasks, text
+from data_pipelines import regions as R, synthetic, tasks, text
 from data_pipelines.example import region_prompt
-from ferret_jax import checkpoint, config_lib
+from ferret_jax import config_lib
 from ferret_jax import evaluate as E
+from tests import train_helpers as th
 
 # ----------------------------------------------------------------------------------------------
 # IoU
@@ -308,21 +308,7 @@ def test_importing_defines_no_flags_and_missing_inputs_fail_clearly(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_export(tmp_path_factory):
-    """A tiny random model exported with its synthetic tokenizer (random params straight from the
-    abstract shapes: no slow init)."""
-    from ferret_jax.models.ferret import Ferret, example_batch
-    from ferret_jax.train import _values
-
-    cfg = config_lib.ferret_config("tiny")
-    abstract = _values(jax.eval_shape(Ferret(cfg).init, jax.random.key(0), example_batch(cfg))["params"])
-    rng = np.random.default_rng(0)
-    params = jax.tree.map(lambda a: rng.normal(0.0, 0.05, a.shape).astype(a.dtype), abstract)
-    out = str(tmp_path_factory.mktemp("export"))
-    meta = {"stage": 3, "size": "tiny", "model": dataclasses.asdict(cfg), "config": {"data": {"max_length": 544}}}
-    checkpoint.save_params(out, params, meta)
-    with open(os.path.join(out, E.TOKENIZER_FILE), "wb") as f:
-        f.write(mixture.synthetic_tokenizer(cfg.llm.vocab_size - 1, scenes=20))
-    return out
+    return th.write_tiny_export(str(tmp_path_factory.mktemp("export")), max_length=544)
 
 
 def test_decode_output_cuts_at_eos_and_drops_unknown_ids(tiny_export):

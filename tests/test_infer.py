@@ -7,18 +7,17 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 from absl import flags
 from PIL import Image
 
-from data_pipelines import mixture, regions as R, text
+from data_pipelines import regions as R, text
 from data_pipelines.example import region_prompt
-from ferret_jax import checkpoint, config_lib
 from ferret_jax import evaluate as E
 from ferret_jax import infer as I
 from ferret_jax.generate import Sampling
+from tests import train_helpers as th
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PHOTO_SIZE = (120, 90)  # (W, H): not square, so x and y scale differently
@@ -149,21 +148,7 @@ def test_requests_parse_relative_paths_and_name_bad_lines(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_export(tmp_path_factory):
-    """A tiny random model exported with its synthetic tokenizer (random params straight from the
-    abstract shapes: no slow init)."""
-    from ferret_jax.models.ferret import Ferret, example_batch
-    from ferret_jax.train import _values
-
-    cfg = config_lib.ferret_config("tiny")
-    abstract = _values(jax.eval_shape(Ferret(cfg).init, jax.random.key(0), example_batch(cfg))["params"])
-    rng = np.random.default_rng(0)
-    params = jax.tree.map(lambda a: rng.normal(0.0, 0.05, a.shape).astype(a.dtype), abstract)
-    out = str(tmp_path_factory.mktemp("export"))
-    meta = {"stage": 3, "size": "tiny", "model": dataclasses.asdict(cfg), "config": {"data": {"max_length": 256}}}
-    checkpoint.save_params(out, params, meta)
-    with open(os.path.join(out, E.TOKENIZER_FILE), "wb") as f:
-        f.write(mixture.synthetic_tokenizer(cfg.llm.vocab_size - 1, scenes=20))
-    return out
+    return th.write_tiny_export(str(tmp_path_factory.mktemp("export")), max_length=256)
 
 
 @pytest.fixture(scope="module")

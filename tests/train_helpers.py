@@ -1,5 +1,6 @@
-"""Shared pieces of the trainer tests: tiny stage configs (also as command-line flags), workdirs
-with the synthetic tokenizer, metrics and checkpoint readers, trainer subprocesses."""
+"""Shared pieces of the trainer, inference and evaluation tests: tiny stage configs (also as
+command-line flags), workdirs with the synthetic tokenizer, metrics and checkpoint readers,
+trainer subprocesses, a tiny random export."""
 
 import json
 import os
@@ -116,3 +117,19 @@ def free_port():
     with socket.socket() as s:
         s.bind(("localhost", 0))
         return s.getsockname()[1]
+
+
+def write_tiny_export(out: str, max_length: int) -> str:
+    """A tiny random model exported with its synthetic tokenizer (random params straight from the
+    abstract shapes: no slow init)."""
+    import dataclasses
+
+    cfg = config_lib.ferret_config("tiny")
+    abstract = train._values(jax.eval_shape(Ferret(cfg).init, jax.random.key(0), example_batch(cfg))["params"])
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda a: rng.normal(0.0, 0.05, a.shape).astype(a.dtype), abstract)
+    meta = {"stage": 3, "size": "tiny", "model": dataclasses.asdict(cfg), "config": {"data": {"max_length": max_length}}}
+    checkpoint.save_params(out, params, meta)
+    with open(os.path.join(out, train.TOKENIZER_FILE), "wb") as f:
+        f.write(mixture.synthetic_tokenizer(cfg.llm.vocab_size - 1, scenes=20))
+    return out
