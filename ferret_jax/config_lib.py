@@ -160,7 +160,7 @@ _DEMO_SCENE = dict(
 )
 _SMALL = {
     "tiny": dict(batch_size=8, max_length=384, max_regions=3, total_steps=4, scene=dict(max_objects=3, cell_range=(28, 56))),
-    "demo": dict(batch_size=16, max_length=448, max_regions=3, total_steps={1: 100, 2: 250, 3: 500}, scene=_DEMO_SCENE),
+    "demo": dict(batch_size=16, max_length={1: 192, 2: 448, 3: 448}, max_regions=3, total_steps={1: 150, 2: 300, 3: 600}, scene=_DEMO_SCENE),
 }
 # The demo starts from random backbones, so its stages also train what the paper keeps frozen
 # (the 7B/13B configs keep the paper's sets, TRAINABLE above).
@@ -178,9 +178,10 @@ def _synthetic_data(size: str, stage: int) -> tuple[dict, dict, dict]:
     return train, {"shapes": 1.0}, held_out
 
 
-def _small_steps(size: str, stage: int) -> int:
-    steps = _SMALL[size]["total_steps"]
-    return steps[stage] if isinstance(steps, dict) else steps
+def _per_stage(size: str, key: str, stage: int) -> int:
+    """A small preset's value of `key`, which may differ per stage ({stage: value})."""
+    value = _SMALL[size][key]
+    return value[stage] if isinstance(value, dict) else value
 
 
 def stage_config(stage: int, arg: str | None = None):
@@ -210,7 +211,7 @@ def stage_config(stage: int, arg: str | None = None):
         sources, weights, held_out = _synthetic_data(size, stage)
         c.data.tokenizer = "synthetic"  # a SentencePiece model trained at start on the synthetic corpus
         c.data.batch_size = _SMALL[size]["batch_size"]
-        c.data.max_length = _SMALL[size]["max_length"]
+        c.data.max_length = _per_stage(size, "max_length", stage)
         c.data.max_regions = _SMALL[size]["max_regions"]
     else:
         sources, weights, held_out = _REAL_DATA[stage], _REAL_WEIGHTS[stage], {}
@@ -227,7 +228,7 @@ def stage_config(stage: int, arg: str | None = None):
     c.optim = ml_collections.ConfigDict()
     c.optim.trainable = DEMO_TRAINABLE[stage] if size == "demo" else TRAINABLE[stage]
     c.optim.lr = optim["lr"] if not small else 3e-3
-    c.optim.warmup_steps = 1 if size == "tiny" else int(0.03 * (_small_steps(size, stage) if small else optim["total_steps"]))
+    c.optim.warmup_steps = 1 if size == "tiny" else int(0.03 * (_per_stage(size, "total_steps", stage) if small else optim["total_steps"]))
     c.optim.min_lr_ratio = 0.0
     c.optim.weight_decay = 0.0
     c.optim.clip_norm = 1.0
@@ -236,7 +237,7 @@ def stage_config(stage: int, arg: str | None = None):
     c.optim.lr_multipliers = (("clip/.*", 0.1), ("dino/.*", 0.1)) if stage == 3 else ()
     c.optim.grad_accum_steps = 1
 
-    c.total_steps = _small_steps(size, stage) if small else optim["total_steps"]
+    c.total_steps = _per_stage(size, "total_steps", stage) if small else optim["total_steps"]
     c.log_every = 1 if small else 10
     c.ckpt_every = 2 if size == "tiny" else 100 if small else 1000
     c.eval_every = 2 if size == "tiny" else 50 if small else 1000
