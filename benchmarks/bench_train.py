@@ -29,9 +29,7 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -48,33 +46,9 @@ from data_pipelines import mixture  # noqa: E402
 from ferret_jax import config_lib, optim, sharding, train  # noqa: E402
 from ferret_jax.losses import token_cross_entropy  # noqa: E402
 from ferret_jax.models.ferret import Ferret  # noqa: E402
+from timing import interleaved  # noqa: E402
 
 STAGE, SIZE = 3, "demo"
-# Idle time before each timed call: the previous framework's worker threads (OpenMP / XLA's pool)
-# keep spinning for a while after their last op and would otherwise steal the cores.
-SETTLE_S = 0.5
-
-
-def _time(fn) -> float:
-    time.sleep(SETTLE_S)
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def interleaved(fns: dict, repeats: int, warmup: int, raw: dict | None = None) -> dict[str, float]:
-    """Median seconds per call of each fn, alternating between them each repeat (every time
-    goes into `raw[name]` when given)."""
-    for fn in fns.values():  # warm-up (and compile)
-        for _ in range(warmup):
-            fn()
-    times = {k: [] for k in fns} if raw is None else raw
-    for k in fns:
-        times.setdefault(k, [])
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            times[k].append(_time(fn))
-    return {k: statistics.median(times[k]) for k in fns}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,13 +18,16 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def interleaved(fns: dict, repeats: int) -> dict[str, float]:
-    """Median seconds per call of each fn, alternating between them each repeat."""
-    for fn in fns.values():  # warm-up (and compile)
-        fn()
-        fn()
-    times = {k: [] for k in fns}
+def interleaved(fns: dict, repeats: int, warmup: int = 2, raw: dict | None = None) -> dict[str, float]:
+    """Median seconds per call of each fn, alternating between them each repeat; `warmup` untimed
+    calls each first (compilation). Every time also goes into `raw[name]` when given."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {} if raw is None else raw
+    for k in fns:
+        times.setdefault(k, [])
     for _ in range(repeats):
         for k, fn in fns.items():
             times[k].append(timed(fn))
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: statistics.median(times[k]) for k in fns}

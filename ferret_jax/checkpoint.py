@@ -24,6 +24,7 @@ from etils import epath
 CHECKPOINTS = "checkpoints"
 EXPORT_PARAMS = "params"  # `ferret_jax.export` output: OUT/params + OUT/export.json
 EXPORT_META = "export.json"
+TOKENIZER_FILE = "tokenizer.model"  # the run's SentencePiece model, in workdirs and exports
 
 
 def checkpoint_dir(workdir: str) -> str:

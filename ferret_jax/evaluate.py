@@ -34,13 +34,13 @@ import numpy as np
 from data_pipelines import synthetic, tasks, text
 from data_pipelines.example import ExampleConfig, ExampleError, build_prompt
 from data_pipelines.sources import evaluation as eval_sources
+from ferret_jax.checkpoint import TOKENIZER_FILE
 
 TASKS = ("rec", "roc", "flickr", "synthetic_grounding", "synthetic_referring")
 IOU_THRESHOLD = 0.5
 ZERO_BOX = (0, 0, 0, 0)  # the prediction of an answer without a box (Ferret's REC protocol)
 PREDICTIONS_FILE = "predictions.jsonl"
 METRICS_FILE = "metrics.json"
-TOKENIZER_FILE = "tokenizer.model"
 
 Box = tuple[float, float, float, float]
 

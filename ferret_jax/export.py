@@ -38,9 +38,9 @@ def export(workdir: str, out: str, dtype: str = "float32", step: int | None = No
     params = jax.tree.map(lambda x: jnp.asarray(x, jnp.dtype(dtype)), restored["params"])
     meta = {**checkpoint.read_meta(workdir, step), "dtype": dtype, "source": os.path.abspath(workdir)}
     out_path = checkpoint.save_params(out, params, meta)
-    tokenizer = os.path.join(workdir, "tokenizer.model")
+    tokenizer = os.path.join(workdir, checkpoint.TOKENIZER_FILE)
     if os.path.exists(tokenizer):
-        shutil.copy(tokenizer, os.path.join(out, "tokenizer.model"))
+        shutil.copy(tokenizer, os.path.join(out, checkpoint.TOKENIZER_FILE))
     return out_path
 
 

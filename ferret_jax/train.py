@@ -39,7 +39,7 @@ from ferret_jax.models.ferret import Ferret, FerretConfig, copy_global_projector
 
 BATCH_AXES = ("data", "fsdp")
 HOST_ONLY = ("skips", "repairs")  # per-example data statistics, logged, never sent to devices
-TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_FILE = checkpoint.TOKENIZER_FILE
 METRICS_FILE = "metrics.jsonl"
 
 
