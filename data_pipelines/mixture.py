@@ -106,7 +106,7 @@ def build_sources(data_config: Any, stage: int) -> tuple[list, list[float], list
     return sources, [float(weights[n]) for n in names], task_fns, names
 
 
-def build_stage_dataset(
+def build_stage_batches(
     data_config: Any,
     stage: int,
     tokenizer_proto: bytes,
@@ -115,12 +115,19 @@ def build_stage_dataset(
     seed: int,
     process_index: int = 0,
     process_count: int = 1,
-) -> grain.IterDataset:
-    """The per-process batch stream of a stage, from `config.data` (see the module docstring)."""
+) -> grain.MapDataset:
+    """A stage's per-process batches as a random-access `MapDataset` (batch i is `ds[i]`, built on
+    demand, no background threads), from `config.data` (see the module docstring)."""
     sources, weights, task_fns, _ = build_sources(data_config, stage)
-    return pipeline.build_dataset(
+    return pipeline.build_batches(
         sources, weights, task_fns, tokenizer_proto, example_config, batch_size, seed, process_index, process_count
     )
+
+
+def build_stage_dataset(*args, read_options: grain.ReadOptions | None = None, **kwargs) -> grain.IterDataset:
+    """The per-process batch stream of a stage; arguments as `build_stage_batches`, `read_options`
+    as `pipeline.build_dataset`."""
+    return build_stage_batches(*args, **kwargs).to_iter_dataset(read_options or pipeline.DEFAULT_READ_OPTIONS)
 
 
 def synthetic_tokenizer(vocab_size: int, scenes: int = 300, seed: int = 0) -> bytes:

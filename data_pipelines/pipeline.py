@@ -105,10 +105,16 @@ def build_batches(
     return ds.batch(batch_size, drop_remainder=True)
 
 
-def build_dataset(*args, **kwargs) -> grain.IterDataset:
+# grain's default (16 threads, 500 elements) would build up to 500 whole batches ahead, taking the
+# cores from the training step for minutes on a small host; a few batches ahead hide the latency.
+DEFAULT_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
+
+
+def build_dataset(*args, read_options: grain.ReadOptions | None = None, **kwargs) -> grain.IterDataset:
     """The per-process batch stream (infinite: the mixture repeats with a new shuffle per epoch);
-    arguments as `build_batches`. Its iterator's state round-trips with get_state/set_state."""
-    return build_batches(*args, **kwargs).to_iter_dataset()
+    arguments as `build_batches`; `read_options`: threads building batches ahead and how many
+    (default DEFAULT_READ_OPTIONS). Its iterator's state round-trips with get_state/set_state."""
+    return build_batches(*args, **kwargs).to_iter_dataset(read_options or DEFAULT_READ_OPTIONS)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -49,13 +49,15 @@ TINY = dict(
     ),
 )
 # CPU-sized: trains all three stages on the synthetic world in minutes. Patch 8 on 48-pixel views
-# keeps the visual token count small (6x6 per view) while boxes stay learnable.
+# keeps the visual token count small (6x6 per view) while boxes stay learnable. The few layers
+# run unrolled (`scan_unroll`): about 7% faster a step on CPU (BENCHMARKS.md).
 DEMO = dict(
-    clip=ClipConfig(image_size=48, patch_size=8, hidden_size=128, num_layers=2, num_heads=4, mlp_dim=256, select_layer=-1),
-    dino=Dinov2Config(image_size=48, patch_size=8, hidden_size=128, num_layers=2, num_heads=4, mlp_dim=256),
+    clip=ClipConfig(image_size=48, patch_size=8, hidden_size=128, num_layers=2, num_heads=4, mlp_dim=256, select_layer=-1,
+                    scan_unroll=2),
+    dino=Dinov2Config(image_size=48, patch_size=8, hidden_size=128, num_layers=2, num_heads=4, mlp_dim=256, scan_unroll=2),
     llm=LlamaConfig(
         vocab_size=1024, hidden_size=128, intermediate_size=352, num_layers=3, num_heads=4, num_kv_heads=4,
-        max_position_embeddings=2048,
+        max_position_embeddings=2048, scan_unroll=3,
     ),
 )
 _ACCEL = dict(dtype="bfloat16", remat="full")
@@ -223,6 +225,8 @@ def stage_config(stage: int, arg: str | None = None):
     c.data.weights = weights
     c.data.eval_sources = held_out  # held-out data for the periodic eval loss; {} = none
     c.data.worker_count = 0  # grain worker processes per host (0 = in the training process)
+    c.data.read_threads = 2  # threads building batches ahead (in each worker, or in the training process)
+    c.data.prefetch_batches = 4  # batches built ahead; grain's default of 500 keeps small hosts busy for minutes
     c.data.worker_buffer_size = 2
 
     c.optim = ml_collections.ConfigDict()

@@ -186,9 +186,12 @@ def make_train_step(model: Ferret, tx: optax.GradientTransformation, mask: Any, 
             (l, c), g = grad_fn(trainable, frozen, mb, k, denom)
             return (jax.tree.map(jnp.add, grads, g), loss + l, correct + c), None
 
-        zeros = jax.tree.map(jnp.zeros_like, trainable)
-        keys = jax.random.split(key, accum)
-        (grads, loss, correct), _ = jax.lax.scan(one, (zeros, 0.0, 0.0), (micro, keys))
+        if accum == 1:  # no loop: XLA fuses across the whole step
+            (loss, correct), grads = grad_fn(trainable, frozen, batch, key, denom)
+        else:
+            zeros = jax.tree.map(jnp.zeros_like, trainable)
+            keys = jax.random.split(key, accum)
+            (grads, loss, correct), _ = jax.lax.scan(one, (zeros, 0.0, 0.0), (micro, keys))
         grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         full_grads = _merge(grads, jax.tree.map(jnp.zeros_like, frozen))  # set_to_zero ignores these
@@ -397,7 +400,8 @@ def _train(config, workdir: str, stop_requested, preemption: "_Preemption") -> d
     ecfg = ex.ExampleConfig.for_model(mcfg, config.data.max_length, config.data.max_regions)
     local_batch = config.data.batch_size // jax.process_count()
     dataset = mixture.build_stage_dataset(
-        config.data, config.stage, proto, ecfg, local_batch, config.seed, jax.process_index(), jax.process_count()
+        config.data, config.stage, proto, ecfg, local_batch, config.seed, jax.process_index(), jax.process_count(),
+        read_options=grain.ReadOptions(num_threads=config.data.read_threads, prefetch_buffer_size=config.data.prefetch_batches),
     )
     if config.data.worker_count > 0:
         dataset = dataset.mp_prefetch(
@@ -439,8 +443,10 @@ def _train(config, workdir: str, stop_requested, preemption: "_Preemption") -> d
         evaluate = _evaluator(config, proto, ecfg, local_batch, eval_step, batch_sharding)
 
         last: dict = {}
-        pending = None  # (step, metrics on device, host stats, times) of the step before
-        window = {"data_s": 0.0, "step_s": 0.0, "tokens": 0}
+        pending = None  # (step, metrics on device, host stats) of the step before
+        # "done": when the last step's metrics arrived; a step's time is the gap between arrivals
+        # (the device runs one step behind the host loop, so host timestamps would count two).
+        window = {"data_s": 0.0, "step_s": 0.0, "tokens": 0, "done": time.time()}
         while step < config.total_steps:
             t0 = time.time()
             local = next(data_iter)
@@ -452,7 +458,7 @@ def _train(config, workdir: str, stop_requested, preemption: "_Preemption") -> d
                 last = _finish(pending, config, writer, window) or last
             window["data_s"] += t_data
             window["tokens"] += int((local["tokens"] != ex.PAD_ID).sum()) * jax.process_count()
-            pending = (step, metrics, stats, t0)
+            pending = (step, metrics, stats)
             if preemption.requested or (stop_requested is not None and stop_requested(step)):
                 last = _finish(pending, config, writer, window, force=True) or last
                 pending = None
@@ -465,7 +471,9 @@ def _train(config, workdir: str, stop_requested, preemption: "_Preemption") -> d
                 checkpoint.save(mngr, step, state, data_iter, {**meta, "step": step})
             if evaluate is not None and step % config.eval_every == 0:
                 mngr.wait_until_finished()
+                t_eval = time.time()
                 eval_metrics = evaluate(state["params"])
+                window["done"] += time.time() - t_eval  # not a training step's time
                 writer.write(step, eval_metrics)
                 log(f"[eval] step {step} held-out loss {eval_metrics['eval/loss']:.4f} acc {eval_metrics['eval/accuracy']:.3f}")
                 last.update(eval_metrics)
@@ -483,9 +491,11 @@ def _train(config, workdir: str, stop_requested, preemption: "_Preemption") -> d
 def _finish(pending, config, writer: MetricsWriter, window: dict, force: bool = False) -> dict | None:
     """Reads the metrics of a dispatched step (one step late, so the device stays busy), enforces
     the non-finite limit, and logs every `log_every` steps."""
-    step, metrics, stats, t0 = pending
+    step, metrics, stats = pending
     m = jax.device_get(metrics)
-    window["step_s"] += time.time() - t0
+    now = time.time()
+    window["step_s"] += now - window["done"]
+    window["done"] = now
     if int(m["nonfinite_in_a_row"]) >= config.max_nonfinite_in_a_row:
         raise FloatingPointError(
             f"step {step}: {int(m['nonfinite_in_a_row'])} updates in a row had a non-finite loss or gradient "
@@ -501,7 +511,7 @@ def _finish(pending, config, writer: MetricsWriter, window: dict, force: bool = 
     out["step_time_s"] = window["step_s"] / config.log_every
     writer.write(step, out)
     writer.progress(step, out)
-    window.update(data_s=0.0, step_s=0.0, tokens=0)
+    window.update(data_s=0.0, step_s=0.0, tokens=0)  # 'done' carries over
     return out
 
 
@@ -510,15 +520,14 @@ def _evaluator(config, proto, ecfg, local_batch, eval_step, batch_sharding):
     if not config.data.eval_sources:
         return None
     eval_data = {"sources": config.data.eval_sources, "weights": {k: 1.0 for k in config.data.eval_sources}}
-    dataset = mixture.build_stage_dataset(
+    batches = mixture.build_stage_batches(
         eval_data, config.stage, proto, ecfg, local_batch, config.seed + 1, jax.process_index(), jax.process_count()
     )
 
     def run(params) -> dict:
         totals = {"loss_sum": 0.0, "correct_sum": 0.0, "tokens": 0.0}
-        it = iter(dataset)
-        for _ in range(config.eval_batches):
-            batch, _ = device_batch(next(it), batch_sharding)
+        for i in range(config.eval_batches):  # random access: no prefetch threads left running
+            batch, _ = device_batch(batches[i], batch_sharding)
             for k, v in jax.device_get(eval_step(params, batch)).items():
                 totals[k] += float(v)
         n = max(totals["tokens"], 1.0)

@@ -44,6 +44,22 @@ def test_embeddings_entry_matches_hf_inputs_embeds(converted):
         Llama(config).apply({"params": params})
 
 
+def test_unrolled_layer_stack_matches_hf_and_cache(converted):
+    """`scan_unroll=num_layers` (the demo's setting) keeps the stacked params and the outputs."""
+    import dataclasses
+
+    model, config, params = converted
+    unrolled = Llama(dataclasses.replace(config, scan_unroll=config.num_layers))
+    ids = np.random.RandomState(3).randint(0, config.vocab_size, (2, 20))
+    ours, _ = unrolled.apply({"params": params}, jnp.asarray(ids))
+    with torch.no_grad():
+        ref = model(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(ours), ref, atol=ATOL, rtol=0)
+    logits, cache = unrolled.apply({"params": params}, jnp.asarray(ids[:, :12]), cache=init_kv_cache(config, 2, 20))
+    step, _ = unrolled.apply({"params": params}, jnp.asarray(ids[:, 12:]), cache=cache, cache_index=12)
+    np.testing.assert_allclose(np.asarray(jnp.concatenate([logits, step], 1)), ref, atol=ATOL, rtol=0)
+
+
 def test_kv_cache_decoding_equals_full_forward(converted):
     """Prefill 8 tokens, then decode 16 one at a time; logits equal the full forward's."""
     _, config, params = converted

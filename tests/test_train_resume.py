@@ -110,7 +110,7 @@ def test_nonfinite_updates_are_skipped_and_counted(proto):
                for a, b in zip(jax.tree.leaves(after_good["params"]["proj_local"]), jax.tree.leaves(params["proj_local"])))
     metrics = {"nonfinite_in_a_row": np.int32(5), "lr": np.float32(1e-3)}
     with pytest.raises(FloatingPointError, match="5 updates in a row"):
-        train._finish((7, metrics, {}, time.time()), config, None, {"step_s": 0.0, "data_s": 0.0, "tokens": 0})
+        train._finish((7, metrics, {}), config, None, {"step_s": 0.0, "data_s": 0.0, "tokens": 0, "done": time.time()})
 
 
 @pytest.mark.parametrize(

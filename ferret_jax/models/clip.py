@@ -30,6 +30,7 @@ class ClipConfig:
     select_layer: int = -2  # HF `hidden_states` index: 0 = embeddings, -1 = last layer
     dtype: str = "float32"
     remat: str = "none"
+    scan_unroll: int = 1  # layers per scan iteration; num_layers unrolls the stack (faster for a few layers, slower to compile for many)
 
     @property
     def layers_used(self) -> int:
@@ -80,7 +81,7 @@ class ClipVision(nn.Module):
         x = jnp.concatenate([cls_token, patches], axis=1)
         x = layers.LayerNorm(cfg.layer_norm_eps, dtype, name="pre_ln")(x)
         if cfg.layers_used:
-            block = layers.stacked(layers.ViTBlock, cfg.layers_used, cfg.remat)
+            block = layers.stacked(layers.ViTBlock, cfg.layers_used, cfg.remat, unroll=cfg.scan_unroll)
             x, _ = block(
                 num_heads=cfg.num_heads,
                 mlp_dim=cfg.mlp_dim,

@@ -34,6 +34,7 @@ class Dinov2Config:
     final_norm: bool = True  # apply the final LayerNorm (HF `last_hidden_state`)
     dtype: str = "float32"
     remat: str = "none"
+    scan_unroll: int = 1  # layers per scan iteration; num_layers unrolls the stack (faster for a few layers, slower to compile for many)
 
     @property
     def grid(self) -> int:
@@ -89,7 +90,7 @@ class Dinov2(nn.Module):
             tokens.append(jnp.broadcast_to(reg.astype(dtype), (b, cfg.num_register_tokens, d)))
         tokens.append(patches)
         x = jnp.concatenate(tokens, axis=1)
-        block = layers.stacked(layers.ViTBlock, cfg.num_layers, cfg.remat)
+        block = layers.stacked(layers.ViTBlock, cfg.num_layers, cfg.remat, unroll=cfg.scan_unroll)
         x, _ = block(
             num_heads=cfg.num_heads,
             mlp_dim=cfg.mlp_dim,

@@ -296,11 +296,14 @@ class ViTBlock(nn.Module):
         return x, None
 
 
-def stacked(block_cls: type[nn.Module], num_layers: int, remat: str, in_axes=0) -> type[nn.Module]:
+def stacked(block_cls: type[nn.Module], num_layers: int, remat: str, in_axes=0, unroll: int = 1) -> type[nn.Module]:
     """Wraps a `(carry, xs, ...) -> (carry, ys)` block in nn.remat and nn.scan over `num_layers`.
 
     Stacked params gain a leading `layers` axis. `remat` is a key of REMAT_POLICIES; `in_axes`
     as in nn.scan (0 for per-layer inputs, nn.broadcast for inputs shared by all layers).
+    `unroll` layers run per loop iteration; the params keep the stacked layout either way. A
+    rolled scan zero-fills its stacked residual buffers on every call, which for a few small
+    layers on CPU costs more than the unrolled code it saves.
     """
     if remat not in REMAT_POLICIES:
         raise ValueError(f"unknown remat policy {remat!r}; choose from {sorted(REMAT_POLICIES)}")
@@ -312,6 +315,7 @@ def stacked(block_cls: type[nn.Module], num_layers: int, remat: str, in_axes=0) 
         split_rngs={"params": True},
         in_axes=in_axes,
         length=num_layers,
+        unroll=max(1, min(unroll, num_layers)),
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
 

@@ -34,6 +34,7 @@ class LlamaConfig:
     attention_chunk: int = 64  # query rows per causal block (no cache); 0 = one full block
     dtype: str = "float32"
     remat: str = "none"
+    scan_unroll: int = 1  # layers per scan iteration; num_layers unrolls the stack (faster for a few layers, slower to compile for many)
 
     @property
     def dim_per_head(self) -> int:
@@ -162,7 +163,7 @@ class Llama(nn.Module):
             jnp.float32,
         )
         block = layers.stacked(
-            LlamaBlock, cfg.num_layers, cfg.remat, in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast)
+            LlamaBlock, cfg.num_layers, cfg.remat, in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), unroll=cfg.scan_unroll
         )
         self.layers = block(cfg)
         self.final_norm = layers.RMSNorm(cfg.rms_norm_eps, jnp.dtype(cfg.dtype))
