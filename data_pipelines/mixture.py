@@ -137,12 +137,15 @@ def synthetic_tokenizer(vocab_size: int, scenes: int = 300, seed: int = 0) -> by
 
     from data_pipelines import tasks, text
 
-    source = synthetic.SyntheticSource("train", scenes, seed=seed)
     rng = np.random.default_rng(seed)
     corpus = [text.SYSTEM_PROMPT, text.GROUNDING_SUFFIX, tasks.DENSE_REFERRING_Q, tasks.DENSE_DETECTION_Q]
-    corpus += list(synthetic.category_names())
     fns = [pipeline.synthetic_task(stage) for stage in (1, 2, 3)]
-    for i in range(scenes):
-        for fn in fns:
-            corpus += [t for _, t in fn(source[i], rng)[1].turns]
+    # Worlds with and without size words: answers start with a capitalized name ("Red circle
+    # [...]"), which should be whole pieces as in a real LLM vocabulary, not letters.
+    for name_sizes in (True, False):
+        source = synthetic.SyntheticSource("train", scenes, seed=seed, name_sizes=name_sizes)
+        corpus += list(source.categories)
+        for i in range(scenes):
+            for fn in fns:
+                corpus += [t for _, t in fn(source[i], rng)[1].turns]
     return text.train_tiny_tokenizer(corpus, vocab_size=vocab_size)

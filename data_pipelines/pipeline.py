@@ -18,7 +18,7 @@ import grain
 import numpy as np
 
 from data_pipelines import example as ex
-from data_pipelines import synthetic, tasks, text
+from data_pipelines import tasks, text
 
 # Why a drawn record was skipped (redrawn), and what was repaired in a kept one; counted per example.
 SKIP_REASONS = (
@@ -163,12 +163,11 @@ def objects_task(stage: int) -> TaskFn:
 def synthetic_task(stage: int) -> TaskFn:
     """`objects_task` over the synthetic world's scenes."""
     fn = objects_task(stage)
-    names = synthetic.category_names()
 
     def synthetic_fn(record: dict, rng: np.random.Generator):
         scene = record["scene"]
         objs = [tasks.Annotation(o.name, o.box, o.mask) for o in scene.objects]
-        return fn({"image": scene.image, "objects": objs, "categories": names}, rng)
+        return fn({"image": scene.image, "objects": objs, "categories": record["categories"]}, rng)
 
     return synthetic_fn
 

@@ -38,14 +38,14 @@ SPLITS = ("train", "val", "test")
 class SceneObject:
     shape: str
     colour: str
-    size: str
+    size: str  # the size word of its name ('' in a world that does not name sizes)
     box: tuple[int, int, int, int]  # inclusive pixel box (x1, y1, x2, y2) of the mask
     mask: np.ndarray = dataclasses.field(repr=False, compare=False)  # bool [H, W], row = y
 
     @property
     def name(self) -> str:
-        """Category phrase, e.g. 'small red circle'."""
-        return f"{self.size} {self.colour} {self.shape}"
+        """Category phrase, e.g. 'small red circle' ('red circle' without a size word)."""
+        return " ".join(w for w in (self.size, self.colour, self.shape) if w)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,12 +93,14 @@ def make_scene(
     grids=anyres.GRIDS,
     max_attempts: int = 50,
     sizes: dict[str, tuple[float, float]] | None = None,
+    name_sizes: bool = True,
 ) -> Scene:
     """A random scene: image size from a random any-res grid, 1..max_objects non-overlapping shapes.
 
     Objects that find no free spot after `max_attempts` tries are left out, so very crowded
     requests may yield fewer objects (never fewer than one). `sizes` overrides the side fractions
-    of 'small' and 'large' (e.g. a world of larger objects for a short CPU demo).
+    of 'small' and 'large' (e.g. a world of larger objects for a short CPU demo). `name_sizes=False`
+    still draws both size classes but leaves the size word out of the names ('red circle').
     """
     sizes = {**SIZES, **(sizes or {})}
     if set(sizes) != set(SIZES) or not all(0 < lo <= hi < 1 for lo, hi in sizes.values()):
@@ -133,7 +135,7 @@ def make_scene(
         image[mask] = COLOURS[colour]
         ys, xs = np.nonzero(mask)
         box = (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max()))
-        objects.append(SceneObject(shape, colour, size, box, mask))
+        objects.append(SceneObject(shape, colour, size if name_sizes else "", box, mask))
     if not objects:  # the first object always fits an empty canvas; keep the guarantee explicit
         raise RuntimeError("could not place any object")
     return Scene(image, tuple(objects))
@@ -168,9 +170,17 @@ class SyntheticSource:
         if not 0 <= index < self.num_records:
             raise IndexError(f"record {index} outside [0, {self.num_records})")
         rng = np.random.default_rng([self._seed, index])
-        return {"id": f"synthetic/{self.split}/{index}", "scene": make_scene(rng, **self._scene_kwargs)}
+        scene = make_scene(rng, **self._scene_kwargs)
+        return {"id": f"synthetic/{self.split}/{index}", "scene": scene, "categories": self.categories}
+
+    @property
+    def categories(self) -> tuple[str, ...]:
+        """Every object name this source's world can draw."""
+        return category_names(self._scene_kwargs.get("name_sizes", True))
 
 
-def category_names() -> tuple[str, ...]:
-    """Every object name the world can draw ('small red circle', ...), sorted."""
-    return tuple(sorted(f"{size} {colour} {shape}" for size in SIZES for colour in COLOURS for shape in SHAPES))
+def category_names(name_sizes: bool = True) -> tuple[str, ...]:
+    """Every object name the world can draw ('small red circle', ...; 'red circle', ... when the
+    world does not name sizes), sorted."""
+    sizes = SIZES if name_sizes else ("",)
+    return tuple(sorted(" ".join(w for w in (size, colour, shape) if w) for size in sizes for colour in COLOURS for shape in SHAPES))

@@ -311,7 +311,7 @@ def synthetic_referring_records(
     kinds = tuple(kinds)
     if not kinds or any(k not in tasks.REFERRING_KINDS for k in kinds):
         raise ValueError(f"kinds must be a non-empty selection of {tasks.REFERRING_KINDS}, got {kinds}")
-    names = synthetic.category_names()
+    names = synthetic.category_names((world or {}).get("name_sizes", True))
     out = []
     for index, rec in _scenes(split, seed, num_records, world):
         scene = rec["scene"]

@@ -470,10 +470,11 @@ def _train(config, workdir: str, stop_requested, preemption: "_Preemption") -> d
             if step % config.ckpt_every == 0 and step < config.total_steps:
                 checkpoint.save(mngr, step, state, data_iter, {**meta, "step": step})
             if evaluate is not None and step % config.eval_every == 0:
+                last = _finish(pending, config, writer, window) or last  # the eval waits for this step anyway
+                pending = None
                 mngr.wait_until_finished()
-                t_eval = time.time()
                 eval_metrics = evaluate(state["params"])
-                window["done"] += time.time() - t_eval  # not a training step's time
+                window["done"] = time.time()  # the eval's time is no training step's
                 writer.write(step, eval_metrics)
                 log(f"[eval] step {step} held-out loss {eval_metrics['eval/loss']:.4f} acc {eval_metrics['eval/accuracy']:.3f}")
                 last.update(eval_metrics)

@@ -65,3 +65,18 @@ def test_token_cross_entropy():
     # bf16 logits still give an fp32 loss
     loss16, _ = token_cross_entropy(jnp.asarray(logits, jnp.bfloat16), jnp.asarray(targets))
     assert loss16.dtype == jnp.float32
+
+
+def test_sincos_position_init_encodes_row_and_column():
+    from ferret_jax.models.layers import sincos_position_init
+
+    grid, d = 5, 16
+    table = np.asarray(sincos_position_init(grid)(jax.random.key(0), (grid * grid + 1, d)))
+    assert (table[0] == 0).all()  # CLS
+    patches = table[1:].reshape(grid, grid, d)
+    # the first half depends on the row only, the second on the column only
+    assert np.allclose(patches[:, :1, : d // 2], patches[:, :, : d // 2]) and np.allclose(patches[:1, :, d // 2 :], patches[:, :, d // 2 :])
+    flat = table[1:]
+    assert len({tuple(np.round(r, 6)) for r in flat}) == grid * grid  # every patch distinct
+    with pytest.raises(ValueError, match="sin-cos"):
+        sincos_position_init(grid)(jax.random.key(0), (grid * grid, d))

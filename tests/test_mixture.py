@@ -103,3 +103,16 @@ def test_bad_configuration_raises_clearly(proto, data, error, message):
 def test_unknown_stage_raises(files, proto):
     with pytest.raises(ValueError, match="stage must be 1, 2 or 3"):
         mixture.build_stage_dataset(_config(files, 2), 4, proto, CFG, batch_size=2, seed=0)
+
+
+def test_synthetic_tokenizer_keeps_names_whole():
+    """Answers start with a capitalized name ("Red circle [...]"): like a real LLM vocabulary, the
+    synthetic one has whole pieces for every name word and every capitalized first word, so copying a name from the
+    question is a word-to-word mapping, not a spelling task."""
+    from data_pipelines import synthetic, text
+
+    tok = text.Tokenizer(model_proto=mixture.synthetic_tokenizer(1023))
+    first_words = {name.split()[0].capitalize() for sizes in (True, False) for name in synthetic.category_names(sizes)}
+    assert first_words == {w.capitalize() for w in (*synthetic.SIZES, *synthetic.COLOURS)}
+    for form in (*synthetic.COLOURS, *synthetic.SHAPES, *synthetic.SIZES, *first_words):
+        assert len(tok.encode(form)) == 1, (form, [tok.decode([i]) for i in tok.encode(form)])

@@ -65,3 +65,15 @@ def test_errors():
         synthetic.SyntheticSource("train", 5)[5]
     with pytest.raises(ValueError, match="min_objects"):
         synthetic.make_scene(np.random.default_rng(0), min_objects=3, max_objects=2)
+
+
+def test_world_without_size_words_names_colour_and_shape():
+    named = synthetic.SyntheticSource("train", 40, seed=3)
+    unnamed = synthetic.SyntheticSource("train", 40, seed=3, name_sizes=False)
+    assert len(unnamed.categories) == len(synthetic.COLOURS) * len(synthetic.SHAPES)
+    assert set(named.categories) == set(synthetic.category_names()) and "red circle" in unnamed.categories
+    for i in range(40):
+        a, b = named[i], unnamed[i]
+        np.testing.assert_array_equal(a["scene"].image, b["scene"].image)  # the same scenes, only the names differ
+        assert [o.name.split(" ", 1)[1] for o in a["scene"].objects] == [o.name for o in b["scene"].objects]
+        assert all(o.name in b["categories"] for o in b["scene"].objects)

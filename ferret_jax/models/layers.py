@@ -437,6 +437,25 @@ class PatchEmbed(nn.Module):
         return y
 
 
+def sincos_position_init(grid: int) -> Initializer:
+    """Initializer of a `[grid**2 + 1, D]` ViT position table: a zero CLS row, then the 2-D sin-cos
+    table of MAE / big_vision's `posemb_sincos_2d` (half the channels encode the row, half the
+    column, each as sines and cosines of geometric frequencies). Models trained from scratch then
+    know where every patch is from the first step; pretrained weights replace it anyway."""
+
+    def init(key, shape, dtype=jnp.float32):
+        rows, d = shape
+        if rows != grid * grid + 1 or d % 4:
+            raise ValueError(f"sin-cos table needs shape ({grid * grid + 1}, 4k), got {shape}")
+        omega = 1.0 / 10000.0 ** (np.arange(d // 4) / (d // 4))
+        y, x = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
+        parts = [f(c.reshape(-1)[:, None] * omega[None]) for c in (y, x) for f in (np.sin, np.cos)]
+        table = np.concatenate([np.zeros((1, d)), np.concatenate(parts, axis=1)], axis=0)
+        return jnp.asarray(table, dtype)
+
+    return init
+
+
 def vit_embed(
     module: nn.Module,
     images: jax.Array,
@@ -458,7 +477,8 @@ def vit_embed(
     b, gh, gw, _ = x.shape
     normal = nn.initializers.normal(0.02)
     cls = module.param("cls", partitioned(normal, ("embed",)), (d,), jnp.float32)
-    pos = module.param("pos_embed", partitioned(normal, ("pos", "embed")), (pretrained_grid**2 + 1, d), jnp.float32)
+    pos_init = sincos_position_init(pretrained_grid)
+    pos = module.param("pos_embed", partitioned(pos_init, ("pos", "embed")), (pretrained_grid**2 + 1, d), jnp.float32)
     patch_pos = interpolate_pos_table(pos[1:], (gh, gw), pos_interpolation)
     cls_token = jnp.broadcast_to((cls + pos[0]).astype(dtype), (b, 1, d))
     return cls_token, x.reshape(b, gh * gw, d) + patch_pos.astype(dtype), (gh, gw)
