@@ -178,17 +178,17 @@ def make_train_step(model: Ferret, tx: optax.GradientTransformation, mask: Any, 
         trainable, frozen = _split(state["params"], mask)
         key = jax.random.fold_in(jax.random.key(seed), state["step"])
         denom = jnp.maximum(batch["loss_mask"].sum(), 1.0)
-        micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
-
-        def one(carry, xs):
-            grads, loss, correct = carry
-            mb, k = xs
-            (l, c), g = grad_fn(trainable, frozen, mb, k, denom)
-            return (jax.tree.map(jnp.add, grads, g), loss + l, correct + c), None
-
         if accum == 1:  # no loop: XLA fuses across the whole step
             (loss, correct), grads = grad_fn(trainable, frozen, batch, key, denom)
         else:
+
+            def one(carry, xs):
+                grads, loss, correct = carry
+                mb, k = xs
+                (l, c), g = grad_fn(trainable, frozen, mb, k, denom)
+                return (jax.tree.map(jnp.add, grads, g), loss + l, correct + c), None
+
+            micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
             zeros = jax.tree.map(jnp.zeros_like, trainable)
             keys = jax.random.split(key, accum)
             (grads, loss, correct), _ = jax.lax.scan(one, (zeros, 0.0, 0.0), (micro, keys))
