@@ -333,8 +333,8 @@ def _abstract(tree, shardings):
 
 def _initial_params(config, abstract_params, shardings, init_fn, log) -> tuple[Any, str]:
     """Params for a fresh run (DESIGN §9 order after the workdir and `resume`): `init_from` (all
-    six subtrees) -> `pretrained` (the three backbones; projectors and sampler keep their random
-    init) -> random init."""
+    six subtrees) -> `pretrained` (the backbones the directory holds, of clip, dino, llm; the rest
+    keep their random init) -> random init."""
     target = _abstract(abstract_params, shardings)
     if config.init.init_from:
         params, meta = checkpoint.load_params(config.init.init_from, target)
@@ -343,12 +343,12 @@ def _initial_params(config, abstract_params, shardings, init_fn, log) -> tuple[A
             log("[init] proj_local <- proj_global (stage I -> II)")
         return params, f"init_from {config.init.init_from} (stage {meta.get('stage')}, step {meta.get('step')})"
     if config.init.pretrained:
-        from ferret_jax.convert import load_converted
+        from ferret_jax.convert import converted_configs, load_converted
 
-        sub = {k: target[k] for k in ("clip", "dino", "llm")}
-        _, loaded = load_converted(config.init.pretrained, sub)
+        held = sorted(converted_configs(config.init.pretrained))
+        _, loaded = load_converted(config.init.pretrained, {k: target[k] for k in held})
         params = {**init_fn(), **loaded}
-        return params, f"pretrained {config.init.pretrained}"
+        return params, f"pretrained {config.init.pretrained} ({', '.join(held)})"
     return init_fn(), "random init"
 
 

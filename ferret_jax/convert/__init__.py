@@ -28,6 +28,7 @@ __all__ = [
     "convert_clip",
     "convert_dinov2",
     "convert_llama",
+    "converted_configs",
     "load_converted",
     "save_converted",
 ]
@@ -55,14 +56,22 @@ def save_converted(out_dir: str, configs: dict, params: dict, report: dict | Non
     return path
 
 
+def converted_configs(out_dir: str) -> dict:
+    """The backbone configs (`{'clip': ClipConfig, ...}`, only those converted) of a `save_converted` dir."""
+    path = os.path.join(out_dir, CONFIGS_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: {out_dir} is not a `python -m ferret_jax.convert` output")
+    with open(path) as f:
+        meta = json.load(f)
+    return {k: CONFIG_TYPES[k](**v) for k, v in meta["configs"].items()}
+
+
 def load_converted(out_dir: str, abstract_params=None) -> tuple[dict, dict]:
     """(configs, params) written by `save_converted`. Pass `abstract_params` (ShapeDtypeStructs
-    with shardings) to restore directly onto a mesh."""
+    with shardings, for the subtrees the dir holds) to restore directly onto a mesh."""
     import orbax.checkpoint as ocp
 
-    with open(os.path.join(out_dir, CONFIGS_FILE)) as f:
-        meta = json.load(f)
-    configs = {k: CONFIG_TYPES[k](**v) for k, v in meta["configs"].items()}
+    configs = converted_configs(out_dir)
     with ocp.StandardCheckpointer() as ckptr:
         path = os.path.join(os.path.abspath(out_dir), PARAMS_DIR)
         params = ckptr.restore(path, abstract_params) if abstract_params is not None else ckptr.restore(path)
