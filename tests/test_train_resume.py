@@ -113,6 +113,38 @@ def test_nonfinite_updates_are_skipped_and_counted(proto):
         train._finish((7, metrics, {}), config, None, {"step_s": 0.0, "data_s": 0.0, "tokens": 0, "done": time.time()})
 
 
+def test_gradient_accumulation_equals_one_full_batch(proto):
+    """`grad_accum_steps` 2 and 4 (a `lax.scan` over micro-batches) give the full batch's loss,
+    accuracy and update. Stage I batches carry no region, so the sampler's per-micro-batch keys
+    cannot change the loss; plain SGD makes the update the gradient itself."""
+    import optax
+
+    config = th.config(1)
+    mcfg = config_lib.ferret_config("tiny", **dict(config.model))
+    model = Ferret(mcfg)
+    ecfg = train.ex.ExampleConfig.for_model(mcfg, config.data.max_length, config.data.max_regions)
+    batch = next(iter(mixture.build_stage_dataset(config.data, 1, proto, ecfg, 8, 0)))
+    batch = {k: jnp.asarray(v) for k, v in batch.items() if k not in train.HOST_ONLY}
+    assert not batch["region_valid"].any() and len(set(np.asarray(batch["loss_mask"]).sum(1))) > 1
+    params = jax.jit(lambda k: train._values(model.init(k, batch)["params"]))(jax.random.key(0))
+    mask = jax.tree.map(lambda _: True, params)
+    tx = optax.sgd(1.0)
+    results = {}
+    for accum in (1, 2, 4):
+        step = jax.jit(train.make_train_step(model, tx, mask, optim.lr_schedule(1.0, 10, 0), accum, 0))
+        state, metrics = step(train.init_state(params, tx), batch)
+        results[accum] = jax.device_get((state["params"], metrics))
+    (want_params, want), moved = results[1], False
+    for accum in (2, 4):
+        got_params, got = results[accum]
+        for key in ("loss", "accuracy", "grad_norm", "supervised_tokens"):
+            np.testing.assert_allclose(got[key], want[key], rtol=1e-5, err_msg=f"{key}, accum {accum}")
+        for g, w, p in zip(jax.tree.leaves(got_params), jax.tree.leaves(want_params), jax.tree.leaves(params)):
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+            moved |= not np.allclose(w, np.asarray(p))
+    assert moved
+
+
 @pytest.mark.parametrize(
     "overrides, error, message",
     [
