@@ -2,7 +2,9 @@
 
     python -m ferret_jax.demo --out=demo_out [--quick]
 
-Trains the `demo` configs of stages 1 -> 2 -> 3 (each starting from the previous one), evaluates
+Warms up the random CLIP and DINOv2 on dense patch targets of the synthetic world (the stand-in
+for pretrained encoders, `ferret_jax.warmup`), then trains the `demo` configs of stages
+1 -> 2 -> 3 (stage 1 from the warmed encoders, each later stage from the previous one), evaluates
 each on held-out scenes of the same world (grounding: "What is the location of <object>?" scored
 by Acc@0.5 of the first box; referring: "Is the object <point | box | free-form> a A or a B?"
 scored by accuracy), prints a table beside a constant-box baseline and chance, and writes
@@ -19,14 +21,34 @@ import numpy as np
 from absl import app, flags, logging
 
 from data_pipelines import synthetic, text
-from ferret_jax import config_lib, draw, evaluate, train
+from ferret_jax import config_lib, draw, evaluate, train, warmup
+from ferret_jax.convert import CONFIGS_FILE
 
 FINAL_RECORDS = 200  # held-out images per task after stage 3
 STAGE_RECORDS = 64  # after stages 1 and 2 (progress only)
 
 
+WARMUP_TRAINS = "clip, dino (dense patch categories and box digits)"
+
+
 def stage_trains(stage: int) -> str:
     return ", ".join(config_lib.DEMO_TRAINABLE[stage]).replace("/.*", "").replace(".*", "everything")
+
+
+def warm_up_backbones(size: str, out: str, steps: int | None = None, log=print) -> dict:
+    """The backbone warm-up of a synthetic-world size (`demo`, `tiny`): CLIP and DINOv2 trained on
+    dense targets of the size's world (`config_lib.DEMO_WARMUP`; `steps` overrides its count),
+    written to `out` for stage 1's `init.pretrained`. Returns the final warm-up metrics; a finished
+    warm-up already in `out` is kept (its saved metrics are returned)."""
+    if os.path.exists(os.path.join(out, CONFIGS_FILE)):
+        log(f"[warmup] {out} holds a finished warm-up; reusing it")
+        with open(os.path.join(out, CONFIGS_FILE)) as f:
+            return json.load(f)["report"]["warmup"]
+    stage2 = config_lib.stage_config(2, size)  # the model with both encoders, the world of every stage
+    world = evaluate.synthetic_world({"config": {"data": stage2.data.to_dict()}})
+    settings = dict(config_lib.DEMO_WARMUP, **({} if steps is None else {"steps": steps}))
+    return warmup.warm_up(train.model_config(stage2), world, out, **settings,
+                          log_every=max(1, settings["steps"] // 6), log=log)
 
 
 def constant_box_baseline(world: dict, num_records: int) -> float:
@@ -70,7 +92,8 @@ def grounded_picture(workdir: str, path: str, world: dict, count: int = 8) -> No
 
 
 def table(results: dict) -> str:
-    rows = [("stage", "trains", "grounding Acc@0.5", "referring acc", "seconds")]
+    rows = [("stage", "trains", "grounding Acc@0.5", "referring acc", "seconds"),
+            ("warm-up", results["warmup"]["trains"], "", "", f"{results['warmup']['seconds']:.0f}")]
     for stage in (1, 2, 3):
         r = results[f"stage{stage}"]
         rows.append((str(stage), r["trains"], f"{r['grounding_acc50']:.3f}", f"{r['referring_acc']:.3f}", f"{r['seconds']:.0f}"))
@@ -85,11 +108,15 @@ def run(out: str, quick: bool = False, log=print) -> dict:
     os.makedirs(out, exist_ok=True)
     start = time.time()
     results: dict = {}
-    init_from = ""
-    world = None
+    backbones = os.path.join(out, "warmup")
+    steps = 3 if quick else config_lib.DEMO_WARMUP["steps"]
+    log(f"=== warm-up: trains {WARMUP_TRAINS}; {steps} steps ===")
+    results["warmup"] = {"trains": WARMUP_TRAINS, **warm_up_backbones("demo", backbones, steps, log)}
+    init_from, world = "", None
     for stage in (1, 2, 3):
         config = config_lib.stage_config(stage, "demo")
         config.init.init_from = init_from
+        config.init.pretrained = backbones if stage == 1 else ""
         config.tensorboard = False
         if quick:  # CI: a few steps per stage, a handful of held-out images
             config.total_steps, config.eval_every, config.ckpt_every = 3, 1000, 1000

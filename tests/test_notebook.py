@@ -95,7 +95,7 @@ def test_notebook_runs_on_cpu(tmp_path, monkeypatch):
     nb = _load()
     at = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
     injected = nbformat.v4.new_code_cell(
-        f'SIZE = "tiny"\nSTEPS = {{1: 2, 2: 2, 3: 2}}\nEVAL_RECORDS = 4\nWORKDIR = {str(tmp_path / "run")!r}',
+        f'SIZE = "tiny"\nSTEPS = {{"warmup": 2, 1: 2, 2: 2, 3: 2}}\nEVAL_RECORDS = 4\nWORKDIR = {str(tmp_path / "run")!r}',
         id="injected-parameters",
     )
     injected.metadata["tags"] = ["injected-parameters"]
@@ -113,6 +113,7 @@ def test_notebook_runs_on_cpu(tmp_path, monkeypatch):
     assert "CpuDevice(id=0)" in devices and "id=1" not in devices, devices[:500]
 
     logs = "".join(_stdout(c) for c in nb.cells if c.cell_type == "code")
+    assert "[warmup] step 2/2" in logs and (tmp_path / "run" / "warmup" / "backbones.json").is_file()
     for stage in (1, 2, 3):
         assert f"[stage {stage}] step 2/2" in logs
     last = [c for c in nb.cells if c.cell_type == "code"][-1]

@@ -1,0 +1,213 @@
+"""Dense backbone warm-up on the synthetic world: what stands in for pretrained CLIP and DINOv2.
+
+Ferret-v2 starts from pretrained encoders whose patch features already say what is where; the CPU
+demo's encoders start from random weights. This short supervised run gives them that property on
+the synthetic world before stage I: every patch of every view (CLIP's global view, DINOv2's
+tiles) predicts, through a linear head, the category of the object under its centre (or
+background) and that object's box in the view's coordinates, quantized like Pix2Seq: the first
+two digits of each 0-999 coordinate as 10-way classes. The heads are thrown away; CLIP and
+DINOv2 are written in the `python -m ferret_jax.convert` layout, so a stage config picks them up
+with `init.pretrained=DIR` (the backbones the directory lacks, here the LLM, keep their random
+init).
+
+Targets come from the same any-res preprocessing the training batches use, so a patch's label is
+the object it really shows in that view.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from data_pipelines import anyres, synthetic
+from ferret_jax.convert import save_converted
+from ferret_jax.models.clip import ClipVision
+from ferret_jax.models.dinov2 import Dinov2
+from ferret_jax.models.ferret import FerretConfig
+
+DIGITS = 2  # leading digits of each 0-999 coordinate predicted per patch (hundreds, tens)
+
+
+def view_windows(grid: Sequence[int], max_tiles: int) -> np.ndarray:
+    """Normalized image windows `[1 + max_tiles, 4]` (x1, y1, x2, y2) seen by the global view and
+    by each tile of a (cols, rows) grid, row-major; unused tile rows are zeros."""
+    cols, rows = int(grid[0]), int(grid[1])
+    windows = np.zeros((1 + max_tiles, 4), np.float64)
+    windows[0] = (0, 0, 1, 1)
+    for t in range(cols * rows):
+        r, c = divmod(t, cols)
+        windows[1 + t] = (c / cols, r / rows, (c + 1) / cols, (r + 1) / rows)
+    return windows
+
+
+def patch_targets(
+    object_index: np.ndarray, boxes: np.ndarray, window: np.ndarray, patches: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Targets of one square view split into `patches x patches` patches.
+
+    object_index: int `[H, W]`, 0 = background, k = object k-1 (the image's pixels).
+    boxes: float `[N, 4]` normalized object boxes (x1, y1, x2, y2) in the image (inclusive pixel
+      box / image size, so that 1000x gives the text coordinates of `text.box_text`).
+    window: the normalized image window (x1, y1, x2, y2) the view shows (stretched to a square).
+    Returns (object `[p, p]` int32 with 0 = background, box `[p, p, 4]` float32 of that object in
+    the view's normalized coordinates, clipped to [0, 1]; zeros on background).
+    """
+    h, w = object_index.shape
+    centres = (np.arange(patches) + 0.5) / patches
+    xs = window[0] + centres * (window[2] - window[0])
+    ys = window[1] + centres * (window[3] - window[1])
+    cols = np.clip((xs * w).astype(int), 0, w - 1)
+    rows = np.clip((ys * h).astype(int), 0, h - 1)
+    obj = object_index[rows[:, None], cols[None, :]].astype(np.int32)  # [p(y), p(x)]
+    size = np.array([window[2] - window[0], window[3] - window[1]] * 2)
+    in_view = np.clip((boxes - np.array([window[0], window[1]] * 2)) / size, 0.0, 1.0)
+    box = np.where((obj > 0)[..., None], in_view[np.maximum(obj - 1, 0)], 0.0).astype(np.float32)
+    return obj, box
+
+
+def dense_example(scene: synthetic.Scene, categories: Sequence[str], config: FerretConfig, grids) -> dict:
+    """One scene -> the encoders' inputs (as in training batches) and their dense targets:
+    `global_image [S, S, 3]`, `tiles [T, c, c, 3]`, `global_label [g, g]`, `global_box [g, g, 4]`,
+    `tile_label [T, t, t]`, `tile_box [T, t, t, 4]`, `tile_valid [T]`; labels are 0 for
+    background, 1 + the category's index otherwise."""
+    views = anyres.preprocess(scene.image, global_size=config.global_size, cell=config.cell,
+                              max_tiles=config.max_tiles, grids=grids)
+    w, h = scene.size
+    object_index = np.zeros((h, w), np.int32)
+    for k, o in enumerate(scene.objects):
+        object_index[o.mask] = k + 1
+    boxes = np.array([(o.box[0] / w, o.box[1] / h, o.box[2] / w, o.box[3] / h) for o in scene.objects])
+    category = np.array([0] + [1 + categories.index(o.name) for o in scene.objects], np.int32)
+    windows = view_windows(views["grid"], config.max_tiles)
+    g, t = config.global_grid, config.tile_grid
+    global_obj, global_box = patch_targets(object_index, boxes, windows[0], g)
+    used = int(np.prod(views["grid"]))
+    tile_label = np.zeros((config.max_tiles, t, t), np.int32)
+    tile_box = np.zeros((config.max_tiles, t, t, 4), np.float32)
+    for i in range(used):
+        obj, tile_box[i] = patch_targets(object_index, boxes, windows[1 + i], t)
+        tile_label[i] = category[obj]
+    return {
+        "global_image": views["global_image"], "tiles": views["tiles"],
+        "global_label": category[global_obj], "global_box": global_box,
+        "tile_label": tile_label, "tile_box": tile_box, "tile_valid": np.arange(config.max_tiles) < used,
+    }
+
+
+def box_digits(box: jax.Array) -> jax.Array:
+    """Normalized coordinates `[..., 4]` -> their 0-999 canvas integers' leading digits
+    `[..., 4, DIGITS]` (hundreds first)."""
+    canvas = jnp.clip(jnp.floor(box * 1000), 0, 999).astype(jnp.int32)
+    return jnp.stack([(canvas // 10 ** (2 - i)) % 10 for i in range(DIGITS)], axis=-1)
+
+
+class DenseHeads(nn.Module):
+    """CLIP and DINOv2 (param subtrees `clip`, `dino`, as in Ferret) with linear dense heads:
+    `[B, S, S, 3]`, `[N, c, c, 3]` -> `[B, g, g, K + 40 * DIGITS]`, `[N, t, t, K + 40 * DIGITS]`
+    (K label logits, then 10 logits per digit of each coordinate)."""
+
+    config: FerretConfig
+    num_labels: int  # categories + background
+
+    @nn.compact
+    def __call__(self, global_image: jax.Array, tiles: jax.Array) -> tuple[jax.Array, jax.Array]:
+        f_g = ClipVision(self.config.clip, name="clip")(global_image)
+        f_l = Dinov2(self.config.dino, name="dino")(tiles)
+        head = lambda name: nn.Dense(self.num_labels + 40 * DIGITS, dtype=jnp.float32, name=name)  # noqa: E731
+        return head("clip_head")(f_g.astype(jnp.float32)), head("dino_head")(f_l.astype(jnp.float32))
+
+
+def _view_loss(out: jax.Array, label: jax.Array, box: jax.Array, weight: jax.Array, num_labels: int) -> tuple[jax.Array, dict]:
+    """Cross-entropy of the labels on all weighted patches + of the box digits on object patches.
+    out `[..., p, p, K + 40 * DIGITS]`, weight `[..., p, p]`."""
+    logits = out[..., :num_labels]
+    digit_logits = out[..., num_labels:].reshape(*out.shape[:-1], 4, DIGITS, 10)
+    digits = box_digits(box)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, label)
+    digit_ce = optax.softmax_cross_entropy_with_integer_labels(digit_logits, digits).mean((-1, -2))
+    on_object = weight * (label > 0)
+    n, n_obj = jnp.maximum(weight.sum(), 1.0), jnp.maximum(on_object.sum(), 1.0)
+    correct = jnp.argmax(logits, -1) == label
+    first_digit = (jnp.argmax(digit_logits[..., 0, :], -1) == digits[..., 0]).mean(-1)
+    metrics = {"ce": (ce * weight).sum() / n, "digit_ce": (digit_ce * on_object).sum() / n_obj,
+               "acc": (correct * weight).sum() / n, "object_acc": (correct * on_object).sum() / n_obj,
+               "first_digit_acc": (first_digit * on_object).sum() / n_obj}
+    return metrics["ce"] + metrics["digit_ce"], metrics
+
+
+def dense_loss(params, model: DenseHeads, batch: dict) -> tuple[jax.Array, dict]:
+    """Mean of the CLIP and DINOv2 view losses of a batch of `dense_example`s."""
+    tiles = batch["tiles"]
+    b, t = tiles.shape[:2]
+    out_g, out_l = model.apply({"params": params}, batch["global_image"], tiles.reshape(b * t, *tiles.shape[2:]))
+    k = model.num_labels
+    loss_g, m_g = _view_loss(out_g, batch["global_label"], batch["global_box"], jnp.ones(batch["global_label"].shape), k)
+    tile_weight = jnp.broadcast_to(batch["tile_valid"][..., None, None], batch["tile_label"].shape).astype(jnp.float32)
+    loss_l, m_l = _view_loss(out_l.reshape(b, t, *out_l.shape[1:]), batch["tile_label"], batch["tile_box"], tile_weight, k)
+    loss = (loss_g + loss_l) / 2
+    metrics = {"loss": loss, **{f"clip_{k}": v for k, v in m_g.items()}, **{f"dino_{k}": v for k, v in m_l.items()}}
+    return loss, metrics
+
+
+def _unboxed(tree):
+    return jax.tree.map(lambda x: x.value if isinstance(x, nn.LogicallyPartitioned) else x, tree,
+                        is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+def dense_dataset(world: dict, config: FerretConfig, batch_size: int, seed: int, split: str = "train") -> grain.IterDataset:
+    """Endless shuffled batches of `dense_example`s of the synthetic `world` (make_scene options)."""
+    source = synthetic.SyntheticSource(split, 100_000, seed=seed, **world)
+    categories = list(source.categories)
+    grids = world.get("grids", anyres.GRIDS)
+    return (grain.MapDataset.source(source).shuffle(seed=seed).repeat()
+            .map(lambda r: dense_example(r["scene"], categories, config, grids))
+            .batch(batch_size, drop_remainder=True)
+            .to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
+
+
+def warm_up(
+    config: FerretConfig, world: dict, out_dir: str, *, steps: int, batch_size: int, lr: float, seed: int = 0,
+    log_every: int = 50, log: Callable[[str], None] = print,
+) -> dict:
+    """Trains CLIP + DINOv2 with dense heads for `steps` steps (AdamW, warmup + cosine); writes them
+    to `out_dir` in the `convert` layout and returns the last step's metrics with `initial_loss`
+    (step 1's), `steps` and `seconds`."""
+    num_labels = 1 + len(synthetic.category_names(world.get("name_sizes", True)))
+    model = DenseHeads(config, num_labels)
+    data = iter(dense_dataset(world, config, batch_size, seed))
+    first = next(data)
+    params = jax.jit(lambda k: _unboxed(model.init(k, first["global_image"][:1], first["tiles"][:1, 0])["params"]))(
+        jax.random.key(seed))
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 20), steps)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def step(params, opt_state, batch):
+        (_, metrics), grads = jax.value_and_grad(dense_loss, has_aux=True)(params, model, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, metrics
+
+    start, batch, metrics, initial_loss = time.time(), first, {}, None
+    for i in range(1, steps + 1):
+        params, opt_state, metrics = step(params, opt_state, batch)
+        if i == 1:
+            initial_loss = float(metrics["loss"])
+        if i % log_every == 0 or i == steps:
+            m = jax.device_get(metrics)
+            log(f"[warmup] step {i}/{steps}  object-patch acc clip {m['clip_object_acc']:.3f} dino {m['dino_object_acc']:.3f}  "
+                f"first box digit clip {m['clip_first_digit_acc']:.3f} dino {m['dino_first_digit_acc']:.3f}  {time.time() - start:.0f}s")
+        if i < steps:
+            batch = next(data)
+    result = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    result |= {"initial_loss": initial_loss, "steps": steps, "seconds": time.time() - start}
+    backbones = {"clip": jax.device_get(params["clip"]), "dino": jax.device_get(params["dino"])}
+    save_converted(out_dir, {"clip": config.clip, "dino": config.dino}, backbones, report={"warmup": result})
+    return result

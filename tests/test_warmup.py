@@ -1,0 +1,90 @@
+"""The demo's dense backbone warm-up: targets on hand-made scenes, learning, and the hand-over to
+stage I through `init.pretrained` (frozen there in the tiny config, so bit-identical after steps)."""
+
+import jax
+import numpy as np
+import pytest
+
+from data_pipelines import synthetic
+from ferret_jax import config_lib, train, warmup
+from ferret_jax.convert import converted_configs, load_converted
+from tests import train_helpers as th
+
+TINY = config_lib.ferret_config("tiny")  # 28-pixel views, 2x2 patches, up to 4 tiles
+TINY_WORLD = dict(max_objects=3, cell_range=(28, 56))
+
+
+def test_view_windows_follow_the_row_major_tiles():
+    np.testing.assert_allclose(warmup.view_windows((2, 1), 3),
+                               [(0, 0, 1, 1), (0, 0, 0.5, 1), (0.5, 0, 1, 1), (0, 0, 0, 0)])
+    np.testing.assert_allclose(warmup.view_windows((1, 2), 2)[1:], [(0, 0, 1, 0.5), (0, 0.5, 1, 1)])
+
+
+def test_patch_targets_in_global_and_tile_coordinates():
+    index = np.zeros((8, 8), np.int32)
+    index[0:4, 4:8] = 1  # object 0 fills the top-right quadrant
+    boxes = np.array([(0.5, 0.0, 1.0, 0.5)])
+    obj, box = warmup.patch_targets(index, boxes, np.array((0, 0, 1, 1.0)), 2)
+    np.testing.assert_array_equal(obj, [[0, 1], [0, 0]])
+    np.testing.assert_allclose(box[0, 1], (0.5, 0, 1, 0.5))
+    assert not box[obj == 0].any()
+    obj, box = warmup.patch_targets(index, boxes, np.array((0.5, 0, 1, 1.0)), 2)  # the right half
+    np.testing.assert_array_equal(obj, [[1, 1], [0, 0]])
+    np.testing.assert_allclose(box[0, 0], (0, 0, 1, 0.5))
+
+
+def test_dense_example_labels_each_view_with_the_object_it_shows():
+    image = np.full((28, 56, 3), 128, np.uint8)
+    mask = np.zeros((28, 56), bool)
+    mask[:, 28:] = True  # a red square over the right half of a 2x1 image
+    image[mask] = synthetic.COLOURS["red"]
+    scene = synthetic.Scene(image, (synthetic.SceneObject("square", "red", "", (28, 0, 55, 27), mask),))
+    categories = list(synthetic.category_names(name_sizes=False))
+    ex = warmup.dense_example(scene, categories, TINY, grids=((2, 1),))
+    red_square = 1 + categories.index("red square")
+    np.testing.assert_array_equal(ex["global_label"], [[0, red_square], [0, red_square]])
+    np.testing.assert_allclose(ex["global_box"][:, 1], [(28 / 56, 0, 55 / 56, 27 / 28)] * 2)
+    np.testing.assert_array_equal(ex["tile_valid"], [True, True, False, False])
+    np.testing.assert_array_equal(ex["tile_label"][0], 0)
+    np.testing.assert_array_equal(ex["tile_label"][1], red_square)
+    np.testing.assert_allclose(ex["tile_box"][1].reshape(-1, 4), [(0, 0, (55 / 56 - 0.5) / 0.5, 27 / 28)] * 4, rtol=1e-6)
+    assert ex["tiles"].shape == (4, 28, 28, 3) and not ex["tiles"][2:].any()
+
+
+def test_box_digits_are_the_leading_digits_of_the_text_coordinates():
+    from data_pipelines import text
+
+    box = np.array([[0.5, 0.0, 0.9999, 0.1234]], np.float32)
+    np.testing.assert_array_equal(warmup.box_digits(box)[0], [[5, 0], [0, 0], [9, 9], [1, 2]])
+    # the same numbers `text.box_text` writes for the inclusive pixel box of a 1000-wide image
+    assert text.box_text((500, 0, 999.9, 123.4), 1000, 1000) == "[500, 0, 999, 123]"
+
+
+@pytest.fixture(scope="module")
+def warmed(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("warmup") / "backbones")
+    result = warmup.warm_up(TINY, TINY_WORLD, out, steps=40, batch_size=16, lr=3e-3, log=lambda _: None)
+    return out, result
+
+
+def test_warm_up_learns_and_writes_the_convert_layout(warmed):
+    out, result = warmed
+    assert result["loss"] < 0.75 * result["initial_loss"], result
+    assert set(converted_configs(out)) == {"clip", "dino"}
+    assert converted_configs(out)["clip"] == TINY.clip
+
+
+def test_stage1_starts_from_the_warmed_backbones(tmp_path, warmed):
+    """`init.pretrained` with a dir holding only clip and dino: those load, the LLM keeps its random
+    init; the tiny stage I freezes all three, so they are bit-identical after training."""
+    out, _ = warmed
+    workdir = th.prepare(tmp_path / "stage1", th.tokenizer_proto())
+    train.train(th.config(1, total_steps=2, **{"init.pretrained": out}), workdir)
+    params, _ = th.params_of(workdir, 1)
+    _, loaded = load_converted(out)
+    random_init = jax.tree.map(np.asarray, th.init_params(seed=0))
+    for key, expected in (("clip", loaded["clip"]), ("dino", loaded["dino"]), ("llm", random_init["llm"])):
+        same = jax.tree.map(lambda a, b: th.same_bits(np.asarray(a), np.asarray(b)), params[key], expected)
+        assert all(jax.tree.leaves(same)), key
+    assert not all(jax.tree.leaves(jax.tree.map(lambda a, b: th.same_bits(a, np.asarray(b)),
+                                                params["clip"], random_init["clip"])))
