@@ -84,16 +84,22 @@ def test_checkpoint_restores_onto_another_mesh(uninterrupted):
         assert gate.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor" if shape[2] == 2 else None)
 
 
-def test_nonfinite_updates_are_skipped_and_counted(proto):
-    """A batch with a NaN pixel: the update is skipped and counted, params stay bit-identical; the
-    next good batch trains and resets the count; too many in a row stop the run."""
-    config = th.config(2)
+def _tiny_model_and_batch(proto, stage: int, batch_size: int):
+    """(config, model, one device batch of the stage's data, initial params) of the tiny config."""
+    config = th.config(stage)
     mcfg = config_lib.ferret_config("tiny", **dict(config.model))
     model = Ferret(mcfg)
     ecfg = train.ex.ExampleConfig.for_model(mcfg, config.data.max_length, config.data.max_regions)
-    batch = next(iter(mixture.build_stage_dataset(config.data, 2, proto, ecfg, 2, 0)))
+    batch = next(iter(mixture.build_stage_dataset(config.data, stage, proto, ecfg, batch_size, 0)))
     batch = {k: jnp.asarray(v) for k, v in batch.items() if k not in train.HOST_ONLY}
     params = jax.jit(lambda k: train._values(model.init(k, batch)["params"]))(jax.random.key(0))
+    return config, model, batch, params
+
+
+def test_nonfinite_updates_are_skipped_and_counted(proto):
+    """A batch with a NaN pixel: the update is skipped and counted, params stay bit-identical; the
+    next good batch trains and resets the count; too many in a row stop the run."""
+    config, model, batch, params = _tiny_model_and_batch(proto, 2, 2)
     mask = optim.trainable_mask(params, config.optim.trainable)
     tx, _ = optim.make_optimizer(params, trainable=config.optim.trainable, lr=1e-2, total_steps=10, warmup_steps=0)
     step = jax.jit(train.make_train_step(model, tx, mask, optim.lr_schedule(1e-2, 10, 0), 1, 0))
@@ -119,14 +125,8 @@ def test_gradient_accumulation_equals_one_full_batch(proto):
     cannot change the loss; plain SGD makes the update the gradient itself."""
     import optax
 
-    config = th.config(1)
-    mcfg = config_lib.ferret_config("tiny", **dict(config.model))
-    model = Ferret(mcfg)
-    ecfg = train.ex.ExampleConfig.for_model(mcfg, config.data.max_length, config.data.max_regions)
-    batch = next(iter(mixture.build_stage_dataset(config.data, 1, proto, ecfg, 8, 0)))
-    batch = {k: jnp.asarray(v) for k, v in batch.items() if k not in train.HOST_ONLY}
+    _, model, batch, params = _tiny_model_and_batch(proto, 1, 8)
     assert not batch["region_valid"].any() and len(set(np.asarray(batch["loss_mask"]).sum(1))) > 1
-    params = jax.jit(lambda k: train._values(model.init(k, batch)["params"]))(jax.random.key(0))
     mask = jax.tree.map(lambda _: True, params)
     tx = optax.sgd(1.0)
     results = {}
