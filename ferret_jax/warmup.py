@@ -27,6 +27,7 @@ import numpy as np
 import optax
 
 from data_pipelines import anyres, synthetic
+from ferret_jax import train
 from ferret_jax.convert import save_converted
 from ferret_jax.models.clip import ClipVision
 from ferret_jax.models.dinov2 import Dinov2
@@ -147,18 +148,13 @@ def dense_loss(params, model: DenseHeads, batch: dict) -> tuple[jax.Array, dict]
     tiles = batch["tiles"]
     b, t = tiles.shape[:2]
     out_g, out_l = model.apply({"params": params}, batch["global_image"], tiles.reshape(b * t, *tiles.shape[2:]))
-    k = model.num_labels
-    loss_g, m_g = _view_loss(out_g, batch["global_label"], batch["global_box"], jnp.ones(batch["global_label"].shape), k)
+    labels = model.num_labels
+    loss_g, m_g = _view_loss(out_g, batch["global_label"], batch["global_box"], jnp.ones(batch["global_label"].shape), labels)
     tile_weight = jnp.broadcast_to(batch["tile_valid"][..., None, None], batch["tile_label"].shape).astype(jnp.float32)
-    loss_l, m_l = _view_loss(out_l.reshape(b, t, *out_l.shape[1:]), batch["tile_label"], batch["tile_box"], tile_weight, k)
+    loss_l, m_l = _view_loss(out_l.reshape(b, t, *out_l.shape[1:]), batch["tile_label"], batch["tile_box"], tile_weight, labels)
     loss = (loss_g + loss_l) / 2
     metrics = {"loss": loss, **{f"clip_{k}": v for k, v in m_g.items()}, **{f"dino_{k}": v for k, v in m_l.items()}}
     return loss, metrics
-
-
-def _unboxed(tree):
-    return jax.tree.map(lambda x: x.value if isinstance(x, nn.LogicallyPartitioned) else x, tree,
-                        is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
 def dense_dataset(world: dict, config: FerretConfig, batch_size: int, seed: int, split: str = "train") -> grain.IterDataset:
@@ -183,7 +179,7 @@ def warm_up(
     model = DenseHeads(config, num_labels)
     data = iter(dense_dataset(world, config, batch_size, seed))
     first = next(data)
-    params = jax.jit(lambda k: _unboxed(model.init(k, first["global_image"][:1], first["tiles"][:1, 0])["params"]))(
+    params = jax.jit(lambda k: train._values(model.init(k, first["global_image"][:1], first["tiles"][:1, 0])["params"]))(
         jax.random.key(seed))
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 20), steps)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
