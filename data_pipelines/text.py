@@ -332,12 +332,12 @@ def train_tiny_tokenizer(
 # --- tokenized conversation with loss mask --------------------------------------------------------
 
 
-def _pieces(turns: list[Turn]) -> list[tuple[str, float]]:
+def _pieces(turns: list[Turn], system_prompt: bool = True) -> list[tuple[str, float]]:
     """(text, weight) pieces of a normalized conversation; "</s>" marks the eos token."""
     pieces: list[tuple[str, float]] = []
     for k, (role, text) in enumerate(turns):
         if role == HUMAN_ROLE:
-            pieces.append((_human_piece(text, first=k == 0), float(IGNORE)))
+            pieces.append((_human_piece(text, first=k == 0 and system_prompt), float(IGNORE)))
         else:
             pieces.append((text, 1.0))
             pieces.append((SEP2, 1.0))
@@ -354,14 +354,17 @@ def _tokenize_pieces(pieces: list[tuple[str, float]], tokenizer: Tokenizer) -> t
     return np.asarray(ids, np.int32), np.asarray(weights, np.float32)
 
 
-def tokenize_conversation(turns: Sequence[Turn], tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+def tokenize_conversation(
+    turns: Sequence[Turn], tokenizer: Tokenizer, system_prompt: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """Complete conversation -> (int32 ids, float32 loss weights), starting with bos.
 
     Weight 1 exactly on each assistant answer's tokens and its eos; 0 on bos, the system prompt, the
     user turns, the "ASSISTANT:" markers and the single IMAGE_ID. See the module docstring for the
     piece boundaries; `tokenize_prompt` on the first turns is an exact prefix of this sequence.
+    `system_prompt=False` leaves the system prompt out (text-only LLM warm-up).
     """
-    return _tokenize_pieces(_pieces(_normalize_turns(turns, generation=False)), tokenizer)
+    return _tokenize_pieces(_pieces(_normalize_turns(turns, generation=False), system_prompt), tokenizer)
 
 
 def tokenize_prompt(turns: Sequence[Turn], tokenizer: Tokenizer) -> np.ndarray:

@@ -1,23 +1,31 @@
-"""Dense backbone warm-up on the synthetic world: what stands in for pretrained CLIP and DINOv2.
+"""Warm-ups on the synthetic world: what stands in for the pretrained backbones of the paper.
 
-Ferret-v2 starts from pretrained encoders whose patch features already say what is where; the CPU
-demo's encoders start from random weights. This short supervised run gives them that property on
-the synthetic world before stage I: every patch of every view (CLIP's global view, DINOv2's
+Dense encoder warm-up (`warm_up`). Ferret-v2 starts from pretrained encoders whose patch features
+already say what is where; the CPU demo's encoders start from random weights. This short
+supervised run gives them that property on the synthetic world before stage I: every patch of every view (CLIP's global view, DINOv2's
 tiles) predicts, through a linear head, the category of the object under its centre (or
 background) and that object's box in the view's coordinates, quantized like Pix2Seq: the first
 two digits of each 0-999 coordinate as 10-way classes. The heads are thrown away; CLIP and
-DINOv2 are written in the `python -m ferret_jax.convert` layout, so a stage config picks them up
-with `init.pretrained=DIR` (the backbones the directory lacks, here the LLM, keep their random
-init).
+DINOv2 are written in the `python -m ferret_jax.convert` layout (with the warmed LLM, by
+`demo.warm_up_backbones`), so a stage config picks them up with `init.pretrained=DIR`.
 
 Targets come from the same any-res preprocessing the training batches use, so a patch's label is
 the object it really shows in that view.
+
+Language warm-up (`language_warm_up`), the stand-in for the pretrained LLM: the LLM alone learns
+the answers of the world's stage-III conversations from their text (no image, coordinates
+scrambled): the answer formats, and to take the object's name from the question, which the random
+LLM otherwise did not learn within the demo's stages.
 """
 
 from __future__ import annotations
 
+import collections
+import functools
+import itertools
+import re
 import time
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import flax.linen as nn
 import grain
@@ -26,12 +34,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from data_pipelines import anyres, synthetic
-from ferret_jax import train
-from ferret_jax.convert import save_converted
+from data_pipelines import anyres, pipeline, synthetic, text
+from data_pipelines.example import ExampleError
+from ferret_jax import losses, train
 from ferret_jax.models.clip import ClipVision
 from ferret_jax.models.dinov2 import Dinov2
 from ferret_jax.models.ferret import FerretConfig
+from ferret_jax.models.llama import Llama, LlamaConfig
 
 DIGITS = 2  # leading digits of each 0-999 coordinate predicted per patch (hundreds, tens)
 
@@ -143,7 +152,7 @@ def _view_loss(out: jax.Array, label: jax.Array, box: jax.Array, weight: jax.Arr
     return metrics["ce"] + metrics["digit_ce"], metrics
 
 
-def dense_loss(params, model: DenseHeads, batch: dict) -> tuple[jax.Array, dict]:
+def dense_loss(params, batch: dict, model: DenseHeads) -> tuple[jax.Array, dict]:
     """Mean of the CLIP and DINOv2 view losses of a batch of `dense_example`s."""
     tiles = batch["tiles"]
     b, t = tiles.shape[:2]
@@ -168,42 +177,131 @@ def dense_dataset(world: dict, config: FerretConfig, batch_size: int, seed: int,
             .to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
 
 
-def warm_up(
-    config: FerretConfig, world: dict, out_dir: str, *, steps: int, batch_size: int, lr: float, seed: int = 0,
-    log_every: int = 50, log: Callable[[str], None] = print,
-) -> dict:
-    """Trains CLIP + DINOv2 with dense heads for `steps` steps (AdamW, warmup + cosine); writes them
-    to `out_dir` in the `convert` layout and returns the last step's metrics with `initial_loss`
-    (step 1's), `steps` and `seconds`."""
-    num_labels = 1 + len(synthetic.category_names(world.get("name_sizes", True)))
-    model = DenseHeads(config, num_labels)
-    data = iter(dense_dataset(world, config, batch_size, seed))
-    first = next(data)
-    params = jax.jit(lambda k: train._values(model.init(k, first["global_image"][:1], first["tiles"][:1, 0])["params"]))(
-        jax.random.key(seed))
+def adamw_fit(
+    loss_fn: Callable, params, batches: Iterator[dict], *, steps: int, lr: float, tag: str, describe: Callable[[dict], str],
+    log_every: int, log: Callable[[str], None],
+) -> tuple[dict, dict]:
+    """`steps` AdamW steps (warmup + cosine, global-norm clipping) of `loss_fn(params, batch) ->
+    (loss, metrics)`, logging `[tag] step i/n <describe(metrics)> <seconds>`. Returns the params and
+    the last step's metrics with `initial_loss` (step 1's), `steps` and `seconds`."""
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 20), steps)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
     opt_state = tx.init(params)
 
     @jax.jit
     def step(params, opt_state, batch):
-        (_, metrics), grads = jax.value_and_grad(dense_loss, has_aux=True)(params, model, batch)
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, metrics
 
-    start, batch, metrics, initial_loss = time.time(), first, {}, None
+    start, metrics, initial_loss = time.time(), {}, None
     for i in range(1, steps + 1):
-        params, opt_state, metrics = step(params, opt_state, batch)
+        params, opt_state, metrics = step(params, opt_state, next(batches))
         if i == 1:
             initial_loss = float(metrics["loss"])
         if i % log_every == 0 or i == steps:
-            m = jax.device_get(metrics)
-            log(f"[warmup] step {i}/{steps}  object-patch acc clip {m['clip_object_acc']:.3f} dino {m['dino_object_acc']:.3f}  "
-                f"first box digit clip {m['clip_first_digit_acc']:.3f} dino {m['dino_first_digit_acc']:.3f}  {time.time() - start:.0f}s")
-        if i < steps:
-            batch = next(data)
+            log(f"[{tag}] step {i}/{steps}  {describe(jax.device_get(metrics))}  {time.time() - start:.0f}s")
     result = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    result |= {"initial_loss": initial_loss, "steps": steps, "seconds": time.time() - start}
-    backbones = {"clip": jax.device_get(params["clip"]), "dino": jax.device_get(params["dino"])}
-    save_converted(out_dir, {"clip": config.clip, "dino": config.dino}, backbones, report={"warmup": result})
-    return result
+    return params, result | {"initial_loss": initial_loss, "steps": steps, "seconds": time.time() - start}
+
+
+def warm_up(
+    config: FerretConfig, world: dict, *, steps: int, batch_size: int, lr: float, seed: int = 0,
+    log_every: int = 50, log: Callable[[str], None] = print,
+) -> tuple[dict, dict]:
+    """Trains CLIP + DINOv2 with dense heads for `steps` steps. Returns (`{'clip', 'dino'}` params
+    for `save_converted`, the `adamw_fit` metrics)."""
+    num_labels = 1 + len(synthetic.category_names(world.get("name_sizes", True)))
+    model = DenseHeads(config, num_labels)
+    data = iter(dense_dataset(world, config, batch_size, seed))
+    first = next(data)
+    params = jax.jit(lambda k: train._values(model.init(k, first["global_image"][:1], first["tiles"][:1, 0])["params"]))(
+        jax.random.key(seed))
+    describe = lambda m: (f"object-patch acc clip {m['clip_object_acc']:.3f} dino {m['dino_object_acc']:.3f}  "  # noqa: E731
+                          f"first box digit clip {m['clip_first_digit_acc']:.3f} dino {m['dino_first_digit_acc']:.3f}")
+    params, result = adamw_fit(functools.partial(dense_loss, model=model), params, itertools.chain([first], data),
+                                 steps=steps, lr=lr, tag="warmup", describe=describe, log_every=log_every, log=log)
+    return {"clip": jax.device_get(params["clip"]), "dino": jax.device_get(params["dino"])}, result
+
+
+# ----------------------------------------------------------------------------------------------
+# Language warm-up: what stands in for the pretrained LLM (Vicuna) the paper starts from.
+
+
+def scramble_coordinates(turns: Sequence[tuple[str, str]], rng: np.random.Generator) -> list[tuple[str, str]]:
+    """The turns with every number (a 0-999 coordinate) replaced through one random permutation of
+    0-999: a coordinate repeated in the conversation stays repeated, what the boxes of the world
+    look like is gone."""
+    permutation = rng.permutation(text.CANVAS)
+    return [(role, re.sub(r"\d+", lambda m: str(permutation[int(m.group())]), value)) for role, value in turns]
+
+
+def text_example(turns: Sequence[tuple[str, str]], tokenizer: text.Tokenizer, max_length: int, system_prompt: bool = True) -> dict:
+    """A conversation without its image -> next-token arrays `tokens [L]`, `targets [L]`,
+    `loss_mask [L]` (the answers, as in training batches), zero-padded. Raises
+    ExampleError('too_long') when it does not fit."""
+    ids, weights = text.tokenize_conversation(turns, tokenizer, system_prompt)
+    n = len(ids) - 1
+    if n > max_length:
+        raise ExampleError("too_long", f"{n} tokens > max_length {max_length}")
+    out = {"tokens": np.zeros(max_length, np.int32), "targets": np.zeros(max_length, np.int32),
+           "loss_mask": np.zeros(max_length, np.float32)}
+    out["tokens"][:n], out["targets"][:n], out["loss_mask"][:n] = ids[:-1], ids[1:], weights[1:]
+    return out
+
+
+def language_dataset(world: dict, tokenizer: text.Tokenizer, batch_size: int, max_length: int, seed: int,
+                     system_prompt: bool = True, skipped: collections.Counter | None = None) -> grain.IterDataset:
+    """Endless shuffled batches of `text_example`s of the synthetic world's stage-III conversations
+    (grounding and binary-choice referring questions), their images left out and their coordinates
+    scrambled (`scramble_coordinates`). Without the image a box can only be guessed, and a learned
+    guess of the world's typical box is what the stages would have to unlearn (with the real
+    coordinates the stage-III model kept answering it); without the coordinates' digits in the loss
+    the heads that take names from the question did not form in 400 steps. Conversations longer
+    than `max_length` are skipped and counted in `skipped['too_long']`."""
+    source = synthetic.SyntheticSource("train", 100_000, seed=seed, **world)
+    task = pipeline.synthetic_task(3)
+    skipped = collections.Counter() if skipped is None else skipped
+
+    def example(record: dict, rng: np.random.Generator) -> dict | None:
+        try:
+            return text_example(scramble_coordinates(task(record, rng)[1].turns, rng), tokenizer, max_length, system_prompt)
+        except ExampleError as e:
+            skipped[e.reason] += 1
+            return None
+
+    return (grain.MapDataset.source(source).shuffle(seed=seed).repeat().random_map(example, seed=seed)
+            .filter(lambda ex: ex is not None)
+            .to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4 * batch_size))
+            .batch(batch_size, drop_remainder=True))
+
+
+def language_loss(params, batch: dict, model: Llama) -> tuple[jax.Array, dict]:
+    """Mean next-token cross-entropy over the answer tokens, and their accuracy."""
+    logits, _ = model.apply({"params": params}, batch["tokens"])
+    loss, correct = losses.token_cross_entropy(logits, batch["targets"], batch["loss_mask"])
+    n = jnp.maximum(batch["loss_mask"].sum(), 1.0)
+    return loss.sum() / n, {"loss": loss.sum() / n, "accuracy": correct.sum() / n}
+
+
+def language_warm_up(
+    config: LlamaConfig, world: dict, tokenizer: text.Tokenizer, *, steps: int, batch_size: int, lr: float, max_length: int,
+    short_length: int, seed: int = 0, log_every: int = 50, log: Callable[[str], None] = print,
+) -> tuple[dict, dict]:
+    """Trains the LLM alone on the answers of the world's stage-III conversations (no images,
+    scrambled coordinates) for `steps` steps: it learns the answer formats and to take names from the
+    question, which a pretrained LLM brings. Conversations are padded to `max_length` tokens, to `short_length`
+    without the system prompt; longer ones are skipped and counted (`skipped_too_long`). Returns (`{'llm'}` params for `save_converted`, the `adamw_fit` metrics)."""
+    model = Llama(config)
+    # Every other batch leaves out the system prompt: among its ~85 tokens a head that takes a name
+    # from the question forms late (the shape words not within 1000 steps of batch 16), in the short
+    # conversations within a few hundred; the long ones keep it working at the stages' length.
+    skipped = collections.Counter()
+    short = language_dataset(world, tokenizer, batch_size, short_length, seed + 1, system_prompt=False, skipped=skipped)
+    data = itertools.chain.from_iterable(zip(language_dataset(world, tokenizer, batch_size, max_length, seed, skipped=skipped), short))
+    first = next(data)
+    params = jax.jit(lambda k: train._values(model.init(k, first["tokens"][:1])["params"]))(jax.random.key(seed))
+    params, result = adamw_fit(functools.partial(language_loss, model=model), params, itertools.chain([first], data),
+                                 steps=steps, lr=lr, tag="llm warmup", log_every=log_every, log=log,
+                                 describe=lambda m: f"answer loss {m['loss']:.3f} token acc {m['accuracy']:.3f}")
+    return {"llm": jax.device_get(params)}, result | {"skipped_too_long": skipped["too_long"]}

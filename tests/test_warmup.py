@@ -1,13 +1,18 @@
-"""The demo's dense backbone warm-up: targets on hand-made scenes, learning, and the hand-over to
-stage I through `init.pretrained` (frozen there in the tiny config, so bit-identical after steps)."""
+"""The demo's warm-ups. Dense encoder warm-up: targets on hand-made scenes, learning, and the
+hand-over to stage I through `init.pretrained` (frozen there in the tiny config, so bit-identical
+after steps). Language warm-up: the text examples, skipping what is too long, learning."""
+
+import collections
+import re
 
 import jax
 import numpy as np
 import pytest
 
-from data_pipelines import synthetic
+from data_pipelines import synthetic, text
+from data_pipelines.example import ExampleError
 from ferret_jax import config_lib, train, warmup
-from ferret_jax.convert import converted_configs, load_converted
+from ferret_jax.convert import load_converted, save_converted
 from tests import train_helpers as th
 
 TINY = config_lib.ferret_config("tiny")  # 28-pixel views, 2x2 patches, up to 4 tiles
@@ -63,15 +68,66 @@ def test_box_digits_are_the_leading_digits_of_the_text_coordinates():
 @pytest.fixture(scope="module")
 def warmed(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("warmup") / "backbones")
-    result = warmup.warm_up(TINY, TINY_WORLD, out, steps=40, batch_size=16, lr=3e-3, log=lambda _: None)
+    encoders, result = warmup.warm_up(TINY, TINY_WORLD, steps=40, batch_size=16, lr=3e-3, log=lambda _: None)
+    save_converted(out, {"clip": TINY.clip, "dino": TINY.dino}, encoders)
     return out, result
 
 
-def test_warm_up_learns_and_writes_the_convert_layout(warmed):
-    out, result = warmed
+def test_warm_up_learns(warmed):
+    _, result = warmed
     assert result["loss"] < 0.75 * result["initial_loss"], result
-    assert set(converted_configs(out)) == {"clip", "dino"}
-    assert converted_configs(out)["clip"] == TINY.clip
+    assert result["steps"] == 40 and result["seconds"] > 0
+
+
+def test_text_example_supervises_the_answers_of_the_conversation_without_its_image():
+    tokenizer = text.Tokenizer(model_proto=th.tokenizer_proto())
+    turns = [("human", "What is the location of red circle in the image?"), ("gpt", "Red circle [1, 2, 3, 4].")]
+    ex = warmup.text_example(turns, tokenizer, 200)
+    ids, weights = text.tokenize_conversation(turns, tokenizer)
+    n = len(ids) - 1
+    np.testing.assert_array_equal(ex["tokens"][:n], ids[:-1])
+    np.testing.assert_array_equal(ex["targets"][:n], ids[1:])
+    assert not ex["tokens"][n:].any() and not ex["loss_mask"][n:].any()
+    answer = tokenizer.decode(ex["targets"][ex["loss_mask"] > 0].tolist())
+    assert answer.startswith("Red circle [1, 2, 3, 4].") and text.IMAGE_ID not in ex["tokens"]
+    short = warmup.text_example(turns, tokenizer, 200, system_prompt=False)
+    assert (short["loss_mask"] > 0).sum() == (ex["loss_mask"] > 0).sum()
+    assert (short["tokens"] > 0).sum() < n - 40  # the system prompt is gone
+    with pytest.raises(ExampleError, match=f"{n} tokens > max_length {n - 1}") as error:
+        warmup.text_example(turns, tokenizer, n - 1)
+    assert error.value.reason == "too_long"
+
+
+def test_scrambled_coordinates_keep_the_words_and_which_numbers_repeat():
+    turns = [("human", "What is the location of red circle in the image?"), ("gpt", "Red circle [10, 20, 10, 999]."),
+             ("human", "Is the object [10, 20, 10, 999] <region_fea> of the image a red circle or a blue square?"),
+             ("gpt", "It is a red circle.")]
+    rng = np.random.default_rng(0)
+    scrambled = [warmup.scramble_coordinates(turns, rng) for _ in range(20)]
+    for out in scrambled:
+        assert [re.sub(r"\d+", "#", v) for _, v in out] == [re.sub(r"\d+", "#", v) for _, v in turns]
+        a, b, c, d = text.parse_boxes(out[1][1])[0]
+        assert a == c and len({a, b, d}) == 3 and all(0 <= v < 1000 for v in (a, b, d))
+        assert text.parse_boxes(out[2][1])[0] == (a, b, c, d)
+    assert len({out[1][1] for out in scrambled}) == 20
+
+
+def test_language_dataset_skips_and_counts_the_conversations_too_long():
+    tokenizer = text.Tokenizer(model_proto=th.tokenizer_proto())
+    skipped = collections.Counter()
+    batches = iter(warmup.language_dataset(TINY_WORLD, tokenizer, 8, 200, 0, skipped=skipped))
+    lengths = np.concatenate([(next(batches)["tokens"] > 0).sum(1) for _ in range(4)])
+    assert lengths.max() <= 200 and lengths.min() > 100  # the system prompt alone is ~85 tokens
+    assert skipped["too_long"] > 0 and set(skipped) == {"too_long"}
+
+
+def test_language_warm_up_learns_the_answers():
+    config = TINY.llm
+    tokenizer = text.Tokenizer(model_proto=th.tokenizer_proto())
+    params, result = warmup.language_warm_up(config, TINY_WORLD, tokenizer, steps=30, batch_size=8, lr=3e-3,
+                                             max_length=384, short_length=256, log=lambda _: None)
+    assert result["loss"] < 0.6 * result["initial_loss"], result
+    assert jax.tree.structure(params["llm"]) == jax.tree.structure(jax.tree.map(np.asarray, th.init_params(seed=0)["llm"]))
 
 
 def test_stage1_starts_from_the_warmed_backbones(tmp_path, warmed):
