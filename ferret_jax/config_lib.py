@@ -165,17 +165,24 @@ _SMALL = {
     "tiny": dict(batch_size=8, max_length=384, max_regions=3, total_steps=4, scene=dict(max_objects=3, cell_range=(28, 56))),
     # stage III's 352 tokens hold >99% of its examples (longer ones are redrawn and counted as
     # too_long); most steps go to stage III, whose tasks the targets measure.
-    "demo": dict(batch_size=8, max_length={1: 192, 2: 384, 3: 352}, max_regions=3, total_steps={1: 150, 2: 400, 3: 1900}, scene=_DEMO_SCENE),
+    "demo": dict(batch_size=8, max_length={1: 192, 2: 384, 3: 352}, max_regions=3, total_steps={1: 60, 2: 400, 3: 1800}, scene=_DEMO_SCENE),
 }
-# The demo starts from random backbones. Before stage I it warms up CLIP and DINOv2 on dense
-# patch targets of the same world (`ferret_jax.warmup`): the stand-in for the pretrained encoders
-# the paper starts from, so stages I and II keep them frozen as the paper does. The LLM has no such
-# stand-in, so every demo stage trains it (the 7B/13B configs keep the paper's sets, TRAINABLE).
-# Its length matters more than any stage's: after 400 warm-up steps the stage-III model never read
-# boxes from the image, after 1000 it did (README, Demo status).
-DEMO_WARMUP = dict(steps=1400, batch_size=32, lr=3e-3)
+# The demo starts from random backbones. Before stage I it warms them up on the same world
+# (`ferret_jax.warmup`), the stand-ins for the pretrained backbones the paper starts from: CLIP and
+# DINOv2 on dense patch targets ("dense"), then the LLM on the stage-III conversations without
+# their images ("language": the answer formats, and taking names from the question). So stage I
+# trains only the projector, as in the paper. The small LLM's stand-in knows no image, so stage II
+# trains it too (the 7B/13B configs keep the paper's sets, TRAINABLE). The dense warm-up's length
+# matters more than any stage's: after 400 steps the stage-III model never read boxes from the
+# image, after 1000 it did (README, Demo status).
+DEMO_WARMUP = {
+    "dense": dict(steps=1400, batch_size=32, lr=3e-3),
+    # lengths: the longest conversation of the demo world (2 questions, 2 boxes per answer) is ~250
+    # tokens with the system prompt, ~160 without
+    "language": dict(steps=400, batch_size=16, lr=3e-3, max_length=272, short_length=176),
+}
 DEMO_TRAINABLE = {
-    1: ("proj_global/.*", "llm/.*"),
+    1: ("proj_global/.*",),
     2: ("proj_global/.*", "proj_local/.*", "sampler/.*", "llm/.*"),
     3: (".*",),
 }

@@ -2,9 +2,10 @@
 
     python -m ferret_jax.demo --out=demo_out [--quick]
 
-Warms up the random CLIP and DINOv2 on dense patch targets of the synthetic world (the stand-in
-for pretrained encoders, `ferret_jax.warmup`), then trains the `demo` configs of stages
-1 -> 2 -> 3 (stage 1 from the warmed encoders, each later stage from the previous one), evaluates
+Warms up the random backbones on the synthetic world (the stand-ins for pretrained ones,
+`ferret_jax.warmup`): CLIP and DINOv2 on dense patch targets, then the LLM on the stage-III
+conversations without their images. Then trains the `demo` configs of stages 1 -> 2 -> 3 (stage 1
+from the warmed backbones, each later stage from the previous one), evaluates
 each on held-out scenes of the same world (grounding: "What is the location of <object>?" scored
 by Acc@0.5 of the first box; referring: "Is the object <point | box | free-form> a A or a B?"
 scored by accuracy), prints a table beside a constant-box baseline and chance, and writes
@@ -22,13 +23,14 @@ from absl import app, flags, logging
 
 from data_pipelines import synthetic, text
 from ferret_jax import config_lib, draw, evaluate, train, warmup
-from ferret_jax.convert import CONFIGS_FILE
+from ferret_jax.convert import CONFIGS_FILE, save_converted
 
 FINAL_RECORDS = 200  # held-out images per task after stage 3
 STAGE_RECORDS = 64  # after stages 1 and 2 (progress only)
 
 
-WARMUP_TRAINS = "clip, dino (dense patch categories and box digits)"
+WARMUP_TRAINS = {"warmup": "clip, dino (dense patch categories and box digits)",
+                 "language_warmup": "llm (stage-III answers as text: no images, coordinates scrambled)"}
 
 
 def stage_trains(stage: int) -> str:
@@ -36,19 +38,28 @@ def stage_trains(stage: int) -> str:
 
 
 def warm_up_backbones(size: str, out: str, steps: int | None = None, log=print) -> dict:
-    """The backbone warm-up of a synthetic-world size (`demo`, `tiny`): CLIP and DINOv2 trained on
-    dense targets of the size's world (`config_lib.DEMO_WARMUP`; `steps` overrides its count),
-    written to `out` for stage 1's `init.pretrained`. Returns the final warm-up metrics; a finished
-    warm-up already in `out` is kept (its saved metrics are returned)."""
+    """The warm-ups of a synthetic-world size (`demo`, `tiny`), the stand-ins for pretrained
+    backbones: CLIP and DINOv2 on dense targets of the size's world, then the LLM on the world's
+    stage-III conversations without images (`config_lib.DEMO_WARMUP`; `steps` overrides both step
+    counts). All three are written to `out` for stage 1's `init.pretrained`. Returns
+    `{'warmup': ..., 'language_warmup': ...}` metrics; a finished warm-up already in `out` is kept
+    (its saved metrics are returned)."""
     if os.path.exists(os.path.join(out, CONFIGS_FILE)):
         log(f"[warmup] {out} holds a finished warm-up; reusing it")
         with open(os.path.join(out, CONFIGS_FILE)) as f:
-            return json.load(f)["report"]["warmup"]
-    stage2 = config_lib.stage_config(2, size)  # the model with both encoders, the world of every stage
-    world = evaluate.synthetic_world({"config": {"data": stage2.data.to_dict()}})
-    settings = dict(config_lib.DEMO_WARMUP, **({} if steps is None else {"steps": steps}))
-    return warmup.warm_up(train.model_config(stage2), world, out, **settings,
-                          log_every=max(1, settings["steps"] // 6), log=log)
+            return json.load(f)["report"]
+    stage3 = config_lib.stage_config(3, size)  # the model with both encoders, the world and format of every stage
+    world = evaluate.synthetic_world({"config": {"data": stage3.data.to_dict()}})
+    model_config = train.model_config(stage3)
+    settings = {k: dict(v, **({} if steps is None else {"steps": steps})) for k, v in config_lib.DEMO_WARMUP.items()}
+    encoders, dense = warmup.warm_up(model_config, world, **settings["dense"],
+                                     log_every=max(1, settings["dense"]["steps"] // 6), log=log)
+    tokenizer = text.Tokenizer(model_proto=train.load_tokenizer(stage3, out, model_config.llm.vocab_size))
+    llm, language = warmup.language_warm_up(model_config.llm, world, tokenizer, **settings["language"], log_every=max(1, settings["language"]["steps"] // 4), log=log)
+    report = {"warmup": dense, "language_warmup": language}
+    save_converted(out, {"clip": model_config.clip, "dino": model_config.dino, "llm": model_config.llm},
+                   {**encoders, **llm}, report=report)
+    return report
 
 
 def constant_box_baseline(world: dict, num_records: int) -> float:
@@ -92,8 +103,9 @@ def grounded_picture(workdir: str, path: str, world: dict, count: int = 8) -> No
 
 
 def table(results: dict) -> str:
-    rows = [("stage", "trains", "grounding Acc@0.5", "referring acc", "seconds"),
-            ("warm-up", results["warmup"]["trains"], "", "", f"{results['warmup']['seconds']:.0f}")]
+    rows = [("stage", "trains", "grounding Acc@0.5", "referring acc", "seconds")]
+    rows += [(name, results[key]["trains"], "", "", f"{results[key]['seconds']:.0f}")
+             for key, name in (("warmup", "warm-up"), ("language_warmup", "llm warm-up"))]
     for stage in (1, 2, 3):
         r = results[f"stage{stage}"]
         rows.append((str(stage), r["trains"], f"{r['grounding_acc50']:.3f}", f"{r['referring_acc']:.3f}", f"{r['seconds']:.0f}"))
@@ -109,9 +121,9 @@ def run(out: str, quick: bool = False, log=print) -> dict:
     start = time.time()
     results: dict = {}
     backbones = os.path.join(out, "warmup")
-    steps = 3 if quick else config_lib.DEMO_WARMUP["steps"]
-    log(f"=== warm-up: trains {WARMUP_TRAINS}; {steps} steps ===")
-    results["warmup"] = {"trains": WARMUP_TRAINS, **warm_up_backbones("demo", backbones, steps, log)}
+    log(f"=== warm-ups: {WARMUP_TRAINS['warmup']}; then {WARMUP_TRAINS['language_warmup']} ===")
+    report = warm_up_backbones("demo", backbones, 3 if quick else None, log)
+    results |= {key: {"trains": trains, **report[key]} for key, trains in WARMUP_TRAINS.items()}
     init_from, world = "", None
     for stage in (1, 2, 3):
         config = config_lib.stage_config(stage, "demo")

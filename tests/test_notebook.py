@@ -113,7 +113,7 @@ def test_notebook_runs_on_cpu(tmp_path, monkeypatch):
     assert "CpuDevice(id=0)" in devices and "id=1" not in devices, devices[:500]
 
     logs = "".join(_stdout(c) for c in nb.cells if c.cell_type == "code")
-    assert "[warmup] step 2/2" in logs and (tmp_path / "run" / "warmup" / "backbones.json").is_file()
+    assert "[warmup] step 2/2" in logs and "[llm warmup] step 2/2" in logs and (tmp_path / "run" / "warmup" / "backbones.json").is_file()
     for stage in (1, 2, 3):
         assert f"[stage {stage}] step 2/2" in logs
     last = [c for c in nb.cells if c.cell_type == "code"][-1]
