@@ -55,7 +55,8 @@ def warm_up_backbones(size: str, out: str, steps: int | None = None, log=print) 
     encoders, dense = warmup.warm_up(model_config, world, **settings["dense"],
                                      log_every=max(1, settings["dense"]["steps"] // 6), log=log)
     tokenizer = text.Tokenizer(model_proto=train.load_tokenizer(stage3, out, model_config.llm.vocab_size))
-    llm, language = warmup.language_warm_up(model_config.llm, world, tokenizer, **settings["language"], log_every=max(1, settings["language"]["steps"] // 4), log=log)
+    llm, language = warmup.language_warm_up(model_config.llm, world, tokenizer, **settings["language"],
+                                            log_every=max(1, settings["language"]["steps"] // 4), log=log)
     report = {"warmup": dense, "language_warmup": language}
     save_converted(out, {"clip": model_config.clip, "dino": model_config.dino, "llm": model_config.llm},
                    {**encoders, **llm}, report=report)

@@ -2,10 +2,10 @@
 
 Dense encoder warm-up (`warm_up`). Ferret-v2 starts from pretrained encoders whose patch features
 already say what is where; the CPU demo's encoders start from random weights. This short
-supervised run gives them that property on the synthetic world before stage I: every patch of every view (CLIP's global view, DINOv2's
-tiles) predicts, through a linear head, the category of the object under its centre (or
-background) and that object's box in the view's coordinates, quantized like Pix2Seq: the first
-two digits of each 0-999 coordinate as 10-way classes. The heads are thrown away; CLIP and
+supervised run gives them that property on the synthetic world before stage I: every patch of
+every view (CLIP's global view, DINOv2's tiles) predicts, through a linear head, the category of
+the object under its centre (or background) and that object's box in the view's coordinates,
+quantized like Pix2Seq: the first two digits of each 0-999 coordinate as 10-way classes. The heads are thrown away; CLIP and
 DINOv2 are written in the `python -m ferret_jax.convert` layout (with the warmed LLM, by
 `demo.warm_up_backbones`), so a stage config picks them up with `init.pretrained=DIR`.
 
@@ -178,12 +178,16 @@ def dense_dataset(world: dict, config: FerretConfig, batch_size: int, seed: int,
 
 
 def adamw_fit(
-    loss_fn: Callable, params, batches: Iterator[dict], *, steps: int, lr: float, tag: str, describe: Callable[[dict], str],
-    log_every: int, log: Callable[[str], None],
+    loss_fn: Callable, init_fn: Callable, batches: Iterator[dict], *, steps: int, lr: float, seed: int, tag: str,
+    describe: Callable[[dict], str], log_every: int, log: Callable[[str], None],
 ) -> tuple[dict, dict]:
     """`steps` AdamW steps (warmup + cosine, global-norm clipping) of `loss_fn(params, batch) ->
-    (loss, metrics)`, logging `[tag] step i/n <describe(metrics)> <seconds>`. Returns the params and
-    the last step's metrics with `initial_loss` (step 1's), `steps` and `seconds`."""
+    (loss, metrics)` from `init_fn(key, first_batch)` (a Linen `init`'s params), logging
+    `[tag] step i/n <describe(metrics)> <seconds>`. Returns the params and the last step's metrics
+    with `initial_loss` (step 1's), `steps` and `seconds`."""
+    first = next(batches)
+    params = jax.jit(lambda k: train._values(init_fn(k, first)))(jax.random.key(seed))
+    batches = itertools.chain([first], batches)
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 20), steps)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
     opt_state = tx.init(params)
@@ -213,14 +217,11 @@ def warm_up(
     for `save_converted`, the `adamw_fit` metrics)."""
     num_labels = 1 + len(synthetic.category_names(world.get("name_sizes", True)))
     model = DenseHeads(config, num_labels)
-    data = iter(dense_dataset(world, config, batch_size, seed))
-    first = next(data)
-    params = jax.jit(lambda k: train._values(model.init(k, first["global_image"][:1], first["tiles"][:1, 0])["params"]))(
-        jax.random.key(seed))
+    init = lambda k, b: model.init(k, b["global_image"][:1], b["tiles"][:1, 0])["params"]  # noqa: E731
     describe = lambda m: (f"object-patch acc clip {m['clip_object_acc']:.3f} dino {m['dino_object_acc']:.3f}  "  # noqa: E731
                           f"first box digit clip {m['clip_first_digit_acc']:.3f} dino {m['dino_first_digit_acc']:.3f}")
-    params, result = adamw_fit(functools.partial(dense_loss, model=model), params, itertools.chain([first], data),
-                                 steps=steps, lr=lr, tag="warmup", describe=describe, log_every=log_every, log=log)
+    params, result = adamw_fit(functools.partial(dense_loss, model=model), init, iter(dense_dataset(world, config, batch_size, seed)),
+                               steps=steps, lr=lr, seed=seed, tag="warmup", describe=describe, log_every=log_every, log=log)
     return {"clip": jax.device_get(params["clip"]), "dino": jax.device_get(params["dino"])}, result
 
 
@@ -289,19 +290,20 @@ def language_warm_up(
     short_length: int, seed: int = 0, log_every: int = 50, log: Callable[[str], None] = print,
 ) -> tuple[dict, dict]:
     """Trains the LLM alone on the answers of the world's stage-III conversations (no images,
-    scrambled coordinates) for `steps` steps: it learns the answer formats and to take names from the
-    question, which a pretrained LLM brings. Conversations are padded to `max_length` tokens, to `short_length`
-    without the system prompt; longer ones are skipped and counted (`skipped_too_long`). Returns (`{'llm'}` params for `save_converted`, the `adamw_fit` metrics)."""
+    scrambled coordinates) for `steps` steps: it learns the answer formats and to take names from
+    the question, which a pretrained LLM brings. Conversations are padded to `max_length` tokens,
+    to `short_length` without the system prompt; longer ones are skipped and counted
+    (`skipped_too_long`). Returns (`{'llm'}` params for `save_converted`, the `adamw_fit` metrics)."""
     model = Llama(config)
     # Every other batch leaves out the system prompt: among its ~85 tokens a head that takes a name
     # from the question forms late (the shape words not within 1000 steps of batch 16), in the short
     # conversations within a few hundred; the long ones keep it working at the stages' length.
     skipped = collections.Counter()
+    long = language_dataset(world, tokenizer, batch_size, max_length, seed, skipped=skipped)
     short = language_dataset(world, tokenizer, batch_size, short_length, seed + 1, system_prompt=False, skipped=skipped)
-    data = itertools.chain.from_iterable(zip(language_dataset(world, tokenizer, batch_size, max_length, seed, skipped=skipped), short))
-    first = next(data)
-    params = jax.jit(lambda k: train._values(model.init(k, first["tokens"][:1])["params"]))(jax.random.key(seed))
-    params, result = adamw_fit(functools.partial(language_loss, model=model), params, itertools.chain([first], data),
-                                 steps=steps, lr=lr, tag="llm warmup", log_every=log_every, log=log,
-                                 describe=lambda m: f"answer loss {m['loss']:.3f} token acc {m['accuracy']:.3f}")
+    params, result = adamw_fit(functools.partial(language_loss, model=model),
+                               lambda k, b: model.init(k, b["tokens"][:1])["params"],
+                               itertools.chain.from_iterable(zip(long, short)),
+                               steps=steps, lr=lr, seed=seed, tag="llm warmup", log_every=log_every, log=log,
+                               describe=lambda m: f"answer loss {m['loss']:.3f} token acc {m['accuracy']:.3f}")
     return {"llm": jax.device_get(params)}, result | {"skipped_too_long": skipped["too_long"]}
