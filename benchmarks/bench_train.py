@@ -63,7 +63,7 @@ class FerretStep:
         self.cfg = cfg
         self.mcfg = config_lib.ferret_config(SIZE, **{**dict(cfg.model), **model_overrides})
         self.model = Ferret(self.mcfg)
-        ecfg = ex.ExampleConfig.for_model(self.mcfg, cfg.data.max_length, cfg.data.max_regions)
+        ecfg = train.example_config(cfg, self.mcfg)
         local = next(iter(mixture.build_stage_dataset(cfg.data, STAGE, proto, ecfg, cfg.data.batch_size, cfg.seed)))
         self.host = {k: np.asarray(v) for k, v in local.items() if k not in train.HOST_ONLY}
         self.tokens = int((self.host["tokens"] != ex.PAD_ID).sum())

@@ -40,9 +40,10 @@ class ExampleConfig:
     tile_grid: int = 24  # DINOv2 patches per side of a tile
     num_points: int = regions_lib.NUM_POINTS
     use_local: bool = True
+    system_prompt: bool = True  # start the conversation with text.SYSTEM_PROMPT (as the model was trained)
 
     @classmethod
-    def for_model(cls, model_config, max_length: int, max_regions: int) -> "ExampleConfig":
+    def for_model(cls, model_config, max_length: int, max_regions: int, system_prompt: bool = True) -> "ExampleConfig":
         """From a `ferret_jax.models.ferret.FerretConfig` (duck-typed: no jax import here)."""
         return cls(
             max_length=max_length,
@@ -54,6 +55,7 @@ class ExampleConfig:
             tile_grid=model_config.tile_grid,
             num_points=model_config.sampler.num_points,
             use_local=model_config.use_local,
+            system_prompt=system_prompt,
         )
 
     def num_visual_tokens(self, cols: int, rows: int) -> int:
@@ -106,7 +108,7 @@ def build_example(
       ExampleError (reasons: too_many_regions, region_without_slot, slot_without_region,
       too_long, bad_region) for what the contract cannot hold.
     """
-    ids, weights = text.tokenize_conversation(_with_image_marker(turns), tokenizer)
+    ids, weights = text.tokenize_conversation(_with_image_marker(turns), tokenizer, config.system_prompt)
     return _assemble(image, ids, weights, regions, tokenizer, config, rng, segmentations)[0]
 
 
@@ -122,7 +124,7 @@ def build_prompt(
     """A generation prompt in the batch contract: `turns` end with a human turn and the tokens end
     right after "ASSISTANT:". Same keys as `build_example` (targets and loss mask all zero) plus
     `prompt_length` (int32 scalar: tokens before the padding). Raises ExampleError likewise."""
-    ids = text.tokenize_prompt(_with_image_marker(turns), tokenizer)
+    ids = text.tokenize_prompt(_with_image_marker(turns), tokenizer, config.system_prompt)
     out, length = _assemble(image, ids, np.zeros(len(ids), np.float32), regions, tokenizer, config, rng, segmentations)
     out["targets"][:] = PAD_ID
     out["prompt_length"] = np.int32(length)

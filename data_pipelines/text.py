@@ -362,14 +362,16 @@ def tokenize_conversation(
     Weight 1 exactly on each assistant answer's tokens and its eos; 0 on bos, the system prompt, the
     user turns, the "ASSISTANT:" markers and the single IMAGE_ID. See the module docstring for the
     piece boundaries; `tokenize_prompt` on the first turns is an exact prefix of this sequence.
-    `system_prompt=False` leaves the system prompt out (text-only LLM warm-up).
+    `system_prompt=False` leaves the system prompt out (the CPU demo's format: its small LLM gains
+    nothing from 87 constant tokens that would take a third of every sequence).
     """
     return _tokenize_pieces(_pieces(_normalize_turns(turns, generation=False), system_prompt), tokenizer)
 
 
-def tokenize_prompt(turns: Sequence[Turn], tokenizer: Tokenizer) -> np.ndarray:
-    """Generation prompt (last turn human) -> int32 ids ending right after the "ASSISTANT:" tokens."""
-    ids, _ = _tokenize_pieces(_pieces(_normalize_turns(turns, generation=True)), tokenizer)
+def tokenize_prompt(turns: Sequence[Turn], tokenizer: Tokenizer, system_prompt: bool = True) -> np.ndarray:
+    """Generation prompt (last turn human) -> int32 ids ending right after the "ASSISTANT:" tokens;
+    `system_prompt` as in `tokenize_conversation`."""
+    ids, _ = _tokenize_pieces(_pieces(_normalize_turns(turns, generation=True), system_prompt), tokenizer)
     return ids
 
 

@@ -161,11 +161,15 @@ _DEMO_SCENE = dict(
     max_objects=2, cell_range=(44, 56), grids=((1, 1), (2, 1), (1, 2)),
     sizes={"small": (0.3, 0.42), "large": (0.42, 0.6)}, name_sizes=False,
 )
+# Both leave the system prompt out: to a small LLM trained from scratch its 87 constant tokens
+# carry nothing, and they were a third of every demo sequence (a third of the step time).
 _SMALL = {
-    "tiny": dict(batch_size=8, max_length=384, max_regions=3, total_steps=4, scene=dict(max_objects=3, cell_range=(28, 56))),
-    # stage III's 352 tokens hold >99% of its examples (longer ones are redrawn and counted as
-    # too_long); most steps go to stage III, whose tasks the targets measure.
-    "demo": dict(batch_size=8, max_length={1: 192, 2: 384, 3: 352}, max_regions=3, total_steps={1: 60, 2: 400, 3: 1800}, scene=_DEMO_SCENE),
+    "tiny": dict(batch_size=8, max_length=384, max_regions=3, total_steps=4, system_prompt=False, scene=dict(max_objects=3, cell_range=(28, 56))),
+    # max_length: stage I's longest example is 72 tokens, stage II's 292; stage III's 256 hold
+    # >99% of its examples (longer ones are redrawn and counted as too_long). Most steps go to
+    # stage III, whose tasks the targets measure.
+    "demo": dict(batch_size=8, max_length={1: 80, 2: 296, 3: 256}, max_regions=3, total_steps={1: 60, 2: 250, 3: 2100},
+                 system_prompt=False, scene=_DEMO_SCENE),
 }
 # The demo starts from random backbones. Before stage I it warms them up on the same world
 # (`ferret_jax.warmup`), the stand-ins for the pretrained backbones the paper starts from: CLIP and
@@ -177,9 +181,10 @@ _SMALL = {
 # image, after 1000 it did (README, Demo status).
 DEMO_WARMUP = {
     "dense": dict(steps=1400, batch_size=32, lr=3e-3),
-    # lengths: the longest conversation of the demo world (2 questions, 2 boxes per answer) is ~250
-    # tokens with the system prompt, ~160 without
-    "language": dict(steps=400, batch_size=16, lr=3e-3, max_length=272, short_length=176),
+    # The longest text of a demo-world conversation (2 questions, 2 boxes per answer) is ~160
+    # tokens. The head that copies the shape word from the question formed after ~200 steps of an
+    # 800-step run; a 400-step run (its lr decaying twice as fast) ended without it.
+    "language": dict(steps=800, batch_size=16, lr=3e-3, max_length=176),
 }
 DEMO_TRAINABLE = {
     1: ("proj_global/.*",),
@@ -230,12 +235,14 @@ def stage_config(stage: int, arg: str | None = None):
         c.data.batch_size = _SMALL[size]["batch_size"]
         c.data.max_length = _per_stage(size, "max_length", stage)
         c.data.max_regions = _SMALL[size]["max_regions"]
+        c.data.system_prompt = _SMALL[size]["system_prompt"]
     else:
         sources, weights, held_out = _REAL_DATA[stage], _REAL_WEIGHTS[stage], {}
         c.data.tokenizer = ""  # path to the LLM's tokenizer.model (SentencePiece)
         c.data.batch_size = optim["batch_size"]  # global, over all processes
         c.data.max_length = optim["max_length"]
         c.data.max_regions = 10 if stage > 1 else 1
+        c.data.system_prompt = True  # begin each conversation with text.SYSTEM_PROMPT (Ferret's format)
     c.data.sources = sources
     c.data.weights = weights
     c.data.eval_sources = held_out  # held-out data for the periodic eval loss; {} = none

@@ -29,7 +29,7 @@ FINAL_RECORDS = 200  # held-out images per task after stage 3
 STAGE_RECORDS = 64  # after stages 1 and 2 (progress only)
 
 
-WARMUP_TRAINS = {"warmup": "clip, dino (dense patch categories and box digits)",
+WARMUP_TRAINS = {"warmup": "clip, dino, sampler (dense patch categories and box digits, region categories)",
                  "language_warmup": "llm (stage-III answers as text: no images, coordinates scrambled)"}
 
 
@@ -56,9 +56,10 @@ def warm_up_backbones(size: str, out: str, steps: int | None = None, log=print) 
                                      log_every=max(1, settings["dense"]["steps"] // 6), log=log)
     tokenizer = text.Tokenizer(model_proto=train.load_tokenizer(stage3, out, model_config.llm.vocab_size))
     llm, language = warmup.language_warm_up(model_config.llm, world, tokenizer, **settings["language"],
+                                            system_prompt=stage3.data.system_prompt,
                                             log_every=max(1, settings["language"]["steps"] // 4), log=log)
     report = {"warmup": dense, "language_warmup": language}
-    save_converted(out, {"clip": model_config.clip, "dino": model_config.dino, "llm": model_config.llm},
+    save_converted(out, {k: getattr(model_config, k) for k in ("clip", "dino", "sampler", "llm")},
                    {**encoders, **llm}, report=report)
     return report
 

@@ -514,6 +514,12 @@ def _max_length(meta: dict, model_config, max_length: int | None) -> int:
     return int(model_config.llm.max_position_embeddings)
 
 
+def _system_prompt(meta: dict) -> bool:
+    """Whether the model was trained with the system prompt (the training run's
+    `data.system_prompt`; runs and exports without the key had it)."""
+    return bool(((meta.get("config") or {}).get("data") or {}).get("system_prompt", True))
+
+
 def load_model(source: str, max_length: int | None = None, max_regions: int = 1):
     """(model, params, tokenizer, example_config) from a training workdir or an export directory.
 
@@ -550,7 +556,8 @@ def load_model(source: str, max_length: int | None = None, max_regions: int = 1)
 
     target = jax.tree.map(slot, abstract)
     params, _ = checkpoint.load_params(source, target)
-    example_config = ExampleConfig.for_model(model_config, _max_length(meta, model_config, max_length), max_regions)
+    example_config = ExampleConfig.for_model(model_config, _max_length(meta, model_config, max_length), max_regions,
+                                             _system_prompt(meta))
     return model, params, tokenizer, example_config
 
 

@@ -98,6 +98,11 @@ def log_dir(workdir: str) -> str:
     return os.path.join(os.getcwd(), "ferret_logs", workdir.split("://", 1)[1].strip("/"))
 
 
+def example_config(config, model_config) -> ex.ExampleConfig:
+    """The shapes and text format of a stage config's examples (the batch contract)."""
+    return ex.ExampleConfig.for_model(model_config, config.data.max_length, config.data.max_regions, config.data.system_prompt)
+
+
 def load_tokenizer(config, workdir: str, vocab_size: int) -> bytes:
     """The run's SentencePiece model: kept in the workdir so a resumed run tokenizes identically."""
     path = epath.Path(workdir) / TOKENIZER_FILE
@@ -333,8 +338,8 @@ def _abstract(tree, shardings):
 
 def _initial_params(config, abstract_params, shardings, init_fn, log) -> tuple[Any, str]:
     """Params for a fresh run (DESIGN §9 order after the workdir and `resume`): `init_from` (all
-    six subtrees) -> `pretrained` (the backbones the directory holds, of clip, dino, llm; the rest
-    keep their random init) -> random init."""
+    six subtrees) -> `pretrained` (the subtrees the directory holds, of clip, dino, llm and the demo
+    warm-up's sampler; the rest keep their random init) -> random init."""
     target = _abstract(abstract_params, shardings)
     if config.init.init_from:
         params, meta = checkpoint.load_params(config.init.init_from, target)
@@ -397,7 +402,7 @@ def _train(config, workdir: str, stop_requested, preemption: "_Preemption") -> d
 
     # Data: this process's share of every global batch.
     proto = load_tokenizer(config, workdir, mcfg.llm.vocab_size)
-    ecfg = ex.ExampleConfig.for_model(mcfg, config.data.max_length, config.data.max_regions)
+    ecfg = example_config(config, mcfg)
     local_batch = config.data.batch_size // jax.process_count()
     dataset = mixture.build_stage_dataset(
         config.data, config.stage, proto, ecfg, local_batch, config.seed, jax.process_index(), jax.process_count(),

@@ -5,9 +5,13 @@ already say what is where; the CPU demo's encoders start from random weights. Th
 supervised run gives them that property on the synthetic world before stage I: every patch of
 every view (CLIP's global view, DINOv2's tiles) predicts, through a linear head, the category of
 the object under its centre (or background) and that object's box in the view's coordinates,
-quantized like Pix2Seq: the first two digits of each 0-999 coordinate as 10-way classes. The heads are thrown away; CLIP and
-DINOv2 are written in the `python -m ferret_jax.convert` layout (with the warmed LLM, by
-`demo.warm_up_backbones`), so a stage config picks them up with `init.pretrained=DIR`.
+quantized like Pix2Seq: the first two digits of each 0-999 coordinate as 10-way classes. The
+sampler learns alongside, on the encoders' raw features, to tell each object's category from a
+point, box or free-form region on it: trained only through the LLM in the stages, its region
+features had not encoded the shape at all (a linear probe read it at chance after stage III).
+The heads are thrown away; CLIP, DINOv2 and the sampler are written in the
+`python -m ferret_jax.convert` layout (with the warmed LLM, by `demo.warm_up_backbones`), so a
+stage config picks them up with `init.pretrained=DIR`.
 
 Targets come from the same any-res preprocessing the training batches use, so a patch's label is
 the object it really shows in that view.
@@ -34,13 +38,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from data_pipelines import anyres, pipeline, synthetic, text
+from data_pipelines import anyres, pipeline, regions, synthetic, tasks, text
 from data_pipelines.example import ExampleError
 from ferret_jax import losses, train
 from ferret_jax.models.clip import ClipVision
 from ferret_jax.models.dinov2 import Dinov2
-from ferret_jax.models.ferret import FerretConfig
+from ferret_jax.models.ferret import FerretConfig, region_point_features
 from ferret_jax.models.llama import Llama, LlamaConfig
+from ferret_jax.models.sampler import Sampler
 
 DIGITS = 2  # leading digits of each 0-999 coordinate predicted per patch (hundreds, tens)
 
@@ -82,11 +87,15 @@ def patch_targets(
     return obj, box
 
 
-def dense_example(scene: synthetic.Scene, categories: Sequence[str], config: FerretConfig, grids) -> dict:
+def dense_example(scene: synthetic.Scene, categories: Sequence[str], config: FerretConfig, grids, max_regions: int,
+                  rng: np.random.Generator) -> dict:
     """One scene -> the encoders' inputs (as in training batches) and their dense targets:
-    `global_image [S, S, 3]`, `tiles [T, c, c, 3]`, `global_label [g, g]`, `global_box [g, g, 4]`,
-    `tile_label [T, t, t]`, `tile_box [T, t, t, 4]`, `tile_valid [T]`; labels are 0 for
-    background, 1 + the category's index otherwise."""
+    `global_image [S, S, 3]`, `tiles [T, c, c, 3]`, `grid [2]`, `global_label [g, g]`,
+    `global_box [g, g, 4]`, `tile_label [T, t, t]`, `tile_box [T, t, t, 4]`, `tile_valid [T]`;
+    and the first `max_regions` objects as referred regions (a point, box or free-form shape at
+    random, sampled as in training batches): `region_points [R, P, 2]`, `region_valid [R]`,
+    `region_label [R]`. Labels are 0 for background (and unused regions), 1 + the category's index
+    otherwise."""
     views = anyres.preprocess(scene.image, global_size=config.global_size, cell=config.cell,
                               max_tiles=config.max_tiles, grids=grids)
     w, h = scene.size
@@ -104,10 +113,18 @@ def dense_example(scene: synthetic.Scene, categories: Sequence[str], config: Fer
     for i in range(used):
         obj, tile_box[i] = patch_targets(object_index, boxes, windows[1 + i], t)
         tile_label[i] = category[obj]
+    points = np.zeros((max_regions, config.sampler.num_points, 2), np.float32)
+    region_label = np.zeros(max_regions, np.int32)
+    for k, o in enumerate(scene.objects[:max_regions]):
+        kind = tasks.REFERRING_KINDS[rng.integers(len(tasks.REFERRING_KINDS))]
+        region, seg, _ = tasks.referring_region(tasks.Annotation(o.name, o.box, o.mask), kind, rng, w, h)
+        points[k] = regions.region_points(region, w, h, rng, seg, config.sampler.num_points)
+        region_label[k] = category[k + 1]
     return {
-        "global_image": views["global_image"], "tiles": views["tiles"],
+        "global_image": views["global_image"], "tiles": views["tiles"], "grid": np.asarray(views["grid"], np.int32),
         "global_label": category[global_obj], "global_box": global_box,
         "tile_label": tile_label, "tile_box": tile_box, "tile_valid": np.arange(config.max_tiles) < used,
+        "region_points": points, "region_valid": region_label > 0, "region_label": region_label,
     }
 
 
@@ -119,19 +136,32 @@ def box_digits(box: jax.Array) -> jax.Array:
 
 
 class DenseHeads(nn.Module):
-    """CLIP and DINOv2 (param subtrees `clip`, `dino`, as in Ferret) with linear dense heads:
-    `[B, S, S, 3]`, `[N, c, c, 3]` -> `[B, g, g, K + 40 * DIGITS]`, `[N, t, t, K + 40 * DIGITS]`
-    (K label logits, then 10 logits per digit of each coordinate)."""
+    """CLIP, DINOv2 and the sampler (param subtrees `clip`, `dino`, `sampler`, as in Ferret) with
+    linear heads on a batch of `dense_example`s: `[B, g, g, K + 40 * DIGITS]` for the global view,
+    `[B, T, t, t, K + 40 * DIGITS]` for the tiles (K label logits, then 10 logits per digit of each
+    coordinate) and `[B, R, K]` for the referred regions (the sampler on the encoders' raw features,
+    as Ferret's `sampler_input='raw'`)."""
 
     config: FerretConfig
     num_labels: int  # categories + background
 
     @nn.compact
-    def __call__(self, global_image: jax.Array, tiles: jax.Array) -> tuple[jax.Array, jax.Array]:
-        f_g = ClipVision(self.config.clip, name="clip")(global_image)
-        f_l = Dinov2(self.config.dino, name="dino")(tiles)
-        head = lambda name: nn.Dense(self.num_labels + 40 * DIGITS, dtype=jnp.float32, name=name)  # noqa: E731
-        return head("clip_head")(f_g.astype(jnp.float32)), head("dino_head")(f_l.astype(jnp.float32))
+    def __call__(self, batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
+        cfg = self.config
+        if cfg.sampler_input != "raw":
+            raise ValueError(f"the warm-up trains the sampler on raw encoder features, got sampler_input={cfg.sampler_input!r}")
+        tiles = batch["tiles"]
+        b, t = tiles.shape[:2]
+        f_g = ClipVision(cfg.clip, name="clip")(batch["global_image"])
+        f_l = Dinov2(cfg.dino, name="dino")(tiles.reshape(b * t, *tiles.shape[2:]))
+        f_l = f_l.reshape(b, t, *f_l.shape[1:])
+        points = batch["region_points"]
+        feats = region_point_features(points, batch["grid"], f_g, f_l, cfg.fusion)
+        region_feats = Sampler(cfg.sampler, cfg.llm.hidden_size, name="sampler")(points, feats, batch["region_valid"])
+        head = lambda name, n: nn.Dense(n, dtype=jnp.float32, name=name)  # noqa: E731
+        dense = self.num_labels + 40 * DIGITS
+        return (head("clip_head", dense)(f_g.astype(jnp.float32)), head("dino_head", dense)(f_l.astype(jnp.float32)),
+                head("region_head", self.num_labels)(region_feats.astype(jnp.float32)))
 
 
 def _view_loss(out: jax.Array, label: jax.Array, box: jax.Array, weight: jax.Array, num_labels: int) -> tuple[jax.Array, dict]:
@@ -153,26 +183,31 @@ def _view_loss(out: jax.Array, label: jax.Array, box: jax.Array, weight: jax.Arr
 
 
 def dense_loss(params, batch: dict, model: DenseHeads) -> tuple[jax.Array, dict]:
-    """Mean of the CLIP and DINOv2 view losses of a batch of `dense_example`s."""
-    tiles = batch["tiles"]
-    b, t = tiles.shape[:2]
-    out_g, out_l = model.apply({"params": params}, batch["global_image"], tiles.reshape(b * t, *tiles.shape[2:]))
+    """Mean of the CLIP and DINOv2 view losses of a batch of `dense_example`s, plus the
+    cross-entropy of the referred regions' categories."""
+    out_g, out_l, out_r = model.apply({"params": params}, batch)
     labels = model.num_labels
     loss_g, m_g = _view_loss(out_g, batch["global_label"], batch["global_box"], jnp.ones(batch["global_label"].shape), labels)
     tile_weight = jnp.broadcast_to(batch["tile_valid"][..., None, None], batch["tile_label"].shape).astype(jnp.float32)
-    loss_l, m_l = _view_loss(out_l.reshape(b, t, *out_l.shape[1:]), batch["tile_label"], batch["tile_box"], tile_weight, labels)
-    loss = (loss_g + loss_l) / 2
-    metrics = {"loss": loss, **{f"clip_{k}": v for k, v in m_g.items()}, **{f"dino_{k}": v for k, v in m_l.items()}}
+    loss_l, m_l = _view_loss(out_l, batch["tile_label"], batch["tile_box"], tile_weight, labels)
+    valid = batch["region_valid"].astype(jnp.float32)
+    n = jnp.maximum(valid.sum(), 1.0)
+    region_ce = (optax.softmax_cross_entropy_with_integer_labels(out_r, batch["region_label"]) * valid).sum() / n
+    region_acc = ((jnp.argmax(out_r, -1) == batch["region_label"]) * valid).sum() / n
+    loss = (loss_g + loss_l) / 2 + region_ce
+    metrics = {"loss": loss, **{f"clip_{k}": v for k, v in m_g.items()}, **{f"dino_{k}": v for k, v in m_l.items()},
+               "region_ce": region_ce, "region_acc": region_acc}
     return loss, metrics
 
 
-def dense_dataset(world: dict, config: FerretConfig, batch_size: int, seed: int, split: str = "train") -> grain.IterDataset:
+def dense_dataset(world: dict, config: FerretConfig, batch_size: int, seed: int, split: str = "train",
+                  max_regions: int = 3) -> grain.IterDataset:
     """Endless shuffled batches of `dense_example`s of the synthetic `world` (make_scene options)."""
     source = synthetic.SyntheticSource(split, 100_000, seed=seed, **world)
     categories = list(source.categories)
     grids = world.get("grids", anyres.GRIDS)
     return (grain.MapDataset.source(source).shuffle(seed=seed).repeat()
-            .map(lambda r: dense_example(r["scene"], categories, config, grids))
+            .random_map(lambda r, rng: dense_example(r["scene"], categories, config, grids, max_regions, rng), seed=seed)
             .batch(batch_size, drop_remainder=True)
             .to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
 
@@ -213,16 +248,18 @@ def warm_up(
     config: FerretConfig, world: dict, *, steps: int, batch_size: int, lr: float, seed: int = 0,
     log_every: int = 50, log: Callable[[str], None] = print,
 ) -> tuple[dict, dict]:
-    """Trains CLIP + DINOv2 with dense heads for `steps` steps. Returns (`{'clip', 'dino'}` params
-    for `save_converted`, the `adamw_fit` metrics)."""
+    """Trains CLIP + DINOv2 with dense heads and the sampler with a region head for `steps` steps.
+    Returns (`{'clip', 'dino', 'sampler'}` params for `save_converted`, the `adamw_fit` metrics)."""
     num_labels = 1 + len(synthetic.category_names(world.get("name_sizes", True)))
     model = DenseHeads(config, num_labels)
-    init = lambda k, b: model.init(k, b["global_image"][:1], b["tiles"][:1, 0])["params"]  # noqa: E731
+    init = lambda k, b: model.init(k, jax.tree.map(lambda x: x[:1], b))["params"]  # noqa: E731
     describe = lambda m: (f"object-patch acc clip {m['clip_object_acc']:.3f} dino {m['dino_object_acc']:.3f}  "  # noqa: E731
-                          f"first box digit clip {m['clip_first_digit_acc']:.3f} dino {m['dino_first_digit_acc']:.3f}")
-    params, result = adamw_fit(functools.partial(dense_loss, model=model), init, iter(dense_dataset(world, config, batch_size, seed)),
+                          f"first box digit clip {m['clip_first_digit_acc']:.3f} dino {m['dino_first_digit_acc']:.3f}  "
+                          f"region acc {m['region_acc']:.3f}")
+    batches = dense_dataset(world, config, batch_size, seed, max_regions=world.get("max_objects", 8))
+    params, result = adamw_fit(functools.partial(dense_loss, model=model), init, iter(batches),
                                steps=steps, lr=lr, seed=seed, tag="warmup", describe=describe, log_every=log_every, log=log)
-    return {"clip": jax.device_get(params["clip"]), "dino": jax.device_get(params["dino"])}, result
+    return {k: jax.device_get(params[k]) for k in ("clip", "dino", "sampler")}, result
 
 
 # ----------------------------------------------------------------------------------------------
@@ -287,23 +324,18 @@ def language_loss(params, batch: dict, model: Llama) -> tuple[jax.Array, dict]:
 
 def language_warm_up(
     config: LlamaConfig, world: dict, tokenizer: text.Tokenizer, *, steps: int, batch_size: int, lr: float, max_length: int,
-    short_length: int, seed: int = 0, log_every: int = 50, log: Callable[[str], None] = print,
+    system_prompt: bool, seed: int = 0, log_every: int = 50, log: Callable[[str], None] = print,
 ) -> tuple[dict, dict]:
     """Trains the LLM alone on the answers of the world's stage-III conversations (no images,
     scrambled coordinates) for `steps` steps: it learns the answer formats and to take names from
-    the question, which a pretrained LLM brings. Conversations are padded to `max_length` tokens,
-    to `short_length` without the system prompt; longer ones are skipped and counted
+    the question, which a pretrained LLM brings. `system_prompt` as in the stages' examples.
+    Conversations are padded to `max_length` tokens; longer ones are skipped and counted
     (`skipped_too_long`). Returns (`{'llm'}` params for `save_converted`, the `adamw_fit` metrics)."""
     model = Llama(config)
-    # Every other batch leaves out the system prompt: among its ~85 tokens a head that takes a name
-    # from the question forms late (the shape words not within 1000 steps of batch 16), in the short
-    # conversations within a few hundred; the long ones keep it working at the stages' length.
     skipped = collections.Counter()
-    long = language_dataset(world, tokenizer, batch_size, max_length, seed, skipped=skipped)
-    short = language_dataset(world, tokenizer, batch_size, short_length, seed + 1, system_prompt=False, skipped=skipped)
+    batches = language_dataset(world, tokenizer, batch_size, max_length, seed, system_prompt, skipped)
     params, result = adamw_fit(functools.partial(language_loss, model=model),
-                               lambda k, b: model.init(k, b["tokens"][:1])["params"],
-                               itertools.chain.from_iterable(zip(long, short)),
+                               lambda k, b: model.init(k, b["tokens"][:1])["params"], iter(batches),
                                steps=steps, lr=lr, seed=seed, tag="llm warmup", log_every=log_every, log=log,
                                describe=lambda m: f"answer loss {m['loss']:.3f} token acc {m['accuracy']:.3f}")
     return {"llm": jax.device_get(params)}, result | {"skipped_too_long": skipped["too_long"]}

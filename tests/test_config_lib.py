@@ -1,8 +1,11 @@
-"""Size presets and the config arg parser."""
+"""Size presets, the config arg parser and what the stage configs choose."""
 
 import pytest
 
-from ferret_jax import config_lib
+from data_pipelines import example as ex
+from data_pipelines import mixture, text
+from ferret_jax import config_lib, train
+from tests import train_helpers as th
 
 
 def test_presets_have_all_backbones():
@@ -26,3 +29,18 @@ def test_parse_arg():
         config_lib.parse_arg("stpes=3", **defaults)
     with pytest.raises(ValueError):
         config_lib.parse_arg("steps=many", **defaults)
+
+
+def test_the_system_prompt_is_in_the_paper_sizes_and_out_of_the_synthetic_ones():
+    assert all(config_lib.stage_config(s, size).data.system_prompt for s in (1, 2, 3) for size in ("7b", "13b"))
+    assert not any(config_lib.stage_config(s, size).data.system_prompt for s in (1, 2, 3) for size in ("demo", "tiny"))
+    proto = th.tokenizer_proto()
+    tok = text.Tokenizer(model_proto=proto)
+    head = tok.encode(text.SYSTEM_PROMPT)[:40]  # the last pieces merge with " USER:"
+    for system_prompt in (False, True):
+        c = th.config(3, **{"data.system_prompt": system_prompt})
+        ecfg = train.example_config(c, train.model_config(c))
+        batch = next(iter(mixture.build_stage_dataset(c.data, 3, proto, ecfg, 2, 0)))
+        starts = [row[1 : 1 + len(head)].tolist() == head for row in batch["tokens"]]
+        assert starts == [system_prompt] * 2 and (batch["tokens"][:, 0] == tok.bos_id).all()
+        assert ex.PAD_ID not in batch["tokens"][:, :2]

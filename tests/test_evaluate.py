@@ -311,6 +311,14 @@ def tiny_export(tmp_path_factory):
     return th.write_tiny_export(str(tmp_path_factory.mktemp("export")), max_length=544)
 
 
+@pytest.mark.parametrize("system_prompt", [None, True, False])
+def test_load_model_builds_prompts_in_the_format_the_model_was_trained_on(tmp_path, system_prompt):
+    source = th.write_tiny_export(str(tmp_path), max_length=300, system_prompt=system_prompt)
+    *_, example_config = E.load_model(source)
+    assert example_config.system_prompt is (system_prompt is not False)  # runs without the key had it
+    assert example_config.max_length == 300
+
+
 def test_decode_output_cuts_at_eos_and_drops_unknown_ids(tiny_export):
     tokenizer = text.Tokenizer(model_file=os.path.join(tiny_export, E.TOKENIZER_FILE))
     ids = tokenizer.encode("It is a large red circle.")

@@ -1,6 +1,8 @@
 """One example of the batch contract, built on the host from a real photograph; refusals; the model
 consumes it."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -138,12 +140,14 @@ def test_model_consumes_built_examples(tokenizer, setup):
     assert np.abs(np.asarray(emb[0, slot]) - np.asarray(text_emb[0, slot])).max() > 1e-3  # replaced by the sampler
 
 
-def test_build_prompt_is_the_example_before_the_answer():
-    """The generation prompt equals the training example's tokens up to "ASSISTANT:"."""
+@pytest.mark.parametrize("system_prompt", [True, False])
+def test_build_prompt_is_the_example_before_the_answer(system_prompt):
+    """The generation prompt equals the training example's tokens up to "ASSISTANT:", in either
+    format; without the system prompt the sequence is shorter by exactly its tokens."""
     corpus = [text.SYSTEM_PROMPT, "What is in the box? A small red circle."]
     tok = text.Tokenizer(model_proto=text.train_tiny_tokenizer(corpus, vocab_size=300))
     cfg = ex.ExampleConfig(max_length=512, max_regions=2, global_size=28, cell=28, max_tiles=4, global_grid=2,
-                           tile_grid=2, num_points=8)
+                           tile_grid=2, num_points=8, system_prompt=system_prompt)
     image = np.zeros((40, 60, 3), np.uint8)
     region = R.Box(5, 5, 20, 30)
     question = f"What is in {ex.region_prompt(region, 60, 40)}?"
@@ -157,3 +161,9 @@ def test_build_prompt_is_the_example_before_the_answer():
     assert (prompt["tokens"][n:] == ex.PAD_ID).all() and prompt["loss_mask"].sum() == 0
     for key in ("visual_index", "region_index", "region_points", "region_valid", "global_image", "tiles", "grid"):
         np.testing.assert_array_equal(prompt[key], full[key])
+    with_head, without_head = tok.encode(text.SYSTEM_PROMPT + " USER:"), tok.encode("USER:")
+    head = with_head if system_prompt else without_head
+    assert prompt["tokens"][1 : 1 + len(head)].tolist() == head
+    other = ex.build_prompt(image, [("human", question)], [region], tok, dataclasses.replace(cfg, system_prompt=not system_prompt),
+                            np.random.default_rng(0))
+    assert abs(n - int(other["prompt_length"])) == len(with_head) - len(without_head)

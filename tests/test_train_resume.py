@@ -89,7 +89,7 @@ def _tiny_model_and_batch(proto, stage: int, batch_size: int):
     config = th.config(stage)
     mcfg = config_lib.ferret_config("tiny", **dict(config.model))
     model = Ferret(mcfg)
-    ecfg = train.ex.ExampleConfig.for_model(mcfg, config.data.max_length, config.data.max_regions)
+    ecfg = train.example_config(config, mcfg)
     batch = next(iter(mixture.build_stage_dataset(config.data, stage, proto, ecfg, batch_size, 0)))
     batch = {k: jnp.asarray(v) for k, v in batch.items() if k not in train.HOST_ONLY}
     params = jax.jit(lambda k: train._values(model.init(k, batch)["params"]))(jax.random.key(0))

@@ -119,16 +119,17 @@ def free_port():
         return s.getsockname()[1]
 
 
-def write_tiny_export(out: str, max_length: int) -> str:
+def write_tiny_export(out: str, max_length: int, system_prompt: bool | None = None) -> str:
     """A tiny random model exported with its synthetic tokenizer (random params straight from the
-    abstract shapes: no slow init)."""
+    abstract shapes: no slow init); `system_prompt` None leaves the key out of the meta."""
     import dataclasses
 
     cfg = config_lib.ferret_config("tiny")
     abstract = train._values(jax.eval_shape(Ferret(cfg).init, jax.random.key(0), example_batch(cfg))["params"])
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda a: rng.normal(0.0, 0.05, a.shape).astype(a.dtype), abstract)
-    meta = {"stage": 3, "size": "tiny", "model": dataclasses.asdict(cfg), "config": {"data": {"max_length": max_length}}}
+    data = {"max_length": max_length} | ({} if system_prompt is None else {"system_prompt": system_prompt})
+    meta = {"stage": 3, "size": "tiny", "model": dataclasses.asdict(cfg), "config": {"data": data}}
     checkpoint.save_params(out, params, meta)
     with open(os.path.join(out, train.TOKENIZER_FILE), "wb") as f:
         f.write(mixture.synthetic_tokenizer(cfg.llm.vocab_size - 1, scenes=20))

@@ -114,6 +114,22 @@ def _merged_to_tile_index(merged: jax.Array, grid: jax.Array, t: int) -> jax.Arr
     return tile_cell_index(merged // (cols * t), merged % (cols * t), cols, t)
 
 
+def region_point_features(points: jax.Array, grid: jax.Array, global_map: jax.Array, local_map: jax.Array | None,
+                          fusion: str) -> jax.Array:
+    """The sampler's input: features at each region point, `points [B, R, P, 2]` -> `[B, R, P, C]`
+    (`[B, R, P, 2C]` for 'concat'), looked up in the global map `[B, g, g, C]` and, when given, in
+    the local tiles `[B, T, t, t, C]` of a (cols, rows) `grid [B, 2]`, fused by `fusion`."""
+    b, r, p, _ = points.shape
+    flat_points = points.reshape(b, r * p, 2)
+    if local_map is not None:
+        feats = jax.vmap(lambda pt, ti, gm, gr: lookup_fused(pt, ti, gm, gr, fusion))(flat_points, local_map, global_map, grid)
+    else:
+        feats = jax.vmap(lookup_global)(flat_points, global_map)
+        if fusion == "concat":  # no local half in global-only mode
+            feats = jnp.concatenate([feats, jnp.zeros_like(feats)], axis=-1)
+    return feats.reshape(b, r, p, feats.shape[-1])
+
+
 class Ferret(nn.Module):
     config: FerretConfig
 
@@ -152,17 +168,7 @@ class Ferret(nn.Module):
         else:
             global_map, local_map = f_g, f_l
         points = batch["region_points"]  # [B, R, P, 2]
-        b, r, p, _ = points.shape
-        flat_points = points.reshape(b, r * p, 2)
-        if cfg.use_local:
-            feats = jax.vmap(lambda pt, ti, gm, gr: lookup_fused(pt, ti, gm, gr, cfg.fusion))(
-                flat_points, local_map, global_map, batch["grid"]
-            )
-        else:
-            feats = jax.vmap(lookup_global)(flat_points, global_map)
-            if cfg.fusion == "concat":  # no local half in global-only mode
-                feats = jnp.concatenate([feats, jnp.zeros_like(feats)], axis=-1)
-        feats = feats.reshape(b, r, p, feats.shape[-1])
+        feats = region_point_features(points, batch["grid"], global_map, local_map if cfg.use_local else None, cfg.fusion)
         return self.sampler(points, feats, batch["region_valid"])
 
     def embed_inputs(self, batch) -> jax.Array:
