@@ -168,7 +168,7 @@ _SMALL = {
     # max_length: stage I's longest example is 72 tokens, stage II's 292; stage III's 256 hold
     # >99% of its examples (longer ones are redrawn and counted as too_long). Most steps go to
     # stage III, whose tasks the targets measure.
-    "demo": dict(batch_size=8, max_length={1: 80, 2: 296, 3: 256}, max_regions=3, total_steps={1: 60, 2: 250, 3: 2100},
+    "demo": dict(batch_size=8, max_length={1: 80, 2: 296, 3: 256}, max_regions=3, total_steps={1: 60, 2: 250, 3: 1800},
                  system_prompt=False, scene=_DEMO_SCENE),
 }
 # The demo starts from random backbones. Before stage I it warms them up on the same world
