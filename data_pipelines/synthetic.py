@@ -30,6 +30,7 @@ COLOURS = {
     "purple": (150, 60, 190),
     "orange": (245, 140, 30),
 }
+MAX_OBJECTS = 8  # make_scene's default
 SIZES = {"small": (0.12, 0.2), "large": (0.25, 0.4)}  # object side as a fraction of min(W, H)
 SPLITS = ("train", "val", "test")
 
@@ -88,7 +89,7 @@ def make_scene(
     rng: np.random.Generator,
     *,
     min_objects: int = 1,
-    max_objects: int = 8,
+    max_objects: int = MAX_OBJECTS,
     cell_range: tuple[int, int] = (48, 112),
     grids=anyres.GRIDS,
     max_attempts: int = 50,

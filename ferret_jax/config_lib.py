@@ -161,15 +161,13 @@ _DEMO_SCENE = dict(
     max_objects=2, cell_range=(44, 56), grids=((1, 1), (2, 1), (1, 2)),
     sizes={"small": (0.3, 0.42), "large": (0.42, 0.6)}, name_sizes=False,
 )
-# Both leave the system prompt out: to a small LLM trained from scratch its 87 constant tokens
-# carry nothing, and they were a third of every demo sequence (a third of the step time).
 _SMALL = {
-    "tiny": dict(batch_size=8, max_length=384, max_regions=3, total_steps=4, system_prompt=False, scene=dict(max_objects=3, cell_range=(28, 56))),
+    "tiny": dict(batch_size=8, max_length=384, max_regions=3, total_steps=4, scene=dict(max_objects=3, cell_range=(28, 56))),
     # max_length: stage I's longest example is 72 tokens, stage II's 292; stage III's 256 hold
     # >99% of its examples (longer ones are redrawn and counted as too_long). Most steps go to
     # stage III, whose tasks the targets measure.
     "demo": dict(batch_size=8, max_length={1: 80, 2: 296, 3: 256}, max_regions=3, total_steps={1: 60, 2: 250, 3: 1800},
-                 system_prompt=False, scene=_DEMO_SCENE),
+                 scene=_DEMO_SCENE),
 }
 # The demo starts from random backbones. Before stage I it warms them up on the same world
 # (`ferret_jax.warmup`), the stand-ins for the pretrained backbones the paper starts from: CLIP and
@@ -235,7 +233,9 @@ def stage_config(stage: int, arg: str | None = None):
         c.data.batch_size = _SMALL[size]["batch_size"]
         c.data.max_length = _per_stage(size, "max_length", stage)
         c.data.max_regions = _SMALL[size]["max_regions"]
-        c.data.system_prompt = _SMALL[size]["system_prompt"]
+        # No system prompt: to a small LLM trained from scratch its 87 constant tokens carry
+        # nothing, and they were a third of every demo sequence (a third of the step time).
+        c.data.system_prompt = False
     else:
         sources, weights, held_out = _REAL_DATA[stage], _REAL_WEIGHTS[stage], {}
         c.data.tokenizer = ""  # path to the LLM's tokenizer.model (SentencePiece)

@@ -200,10 +200,11 @@ def dense_loss(params, batch: dict, model: DenseHeads) -> tuple[jax.Array, dict]
     return loss, metrics
 
 
-def dense_dataset(world: dict, config: FerretConfig, batch_size: int, seed: int, split: str = "train",
-                  max_regions: int = 3) -> grain.IterDataset:
-    """Endless shuffled batches of `dense_example`s of the synthetic `world` (make_scene options)."""
+def dense_dataset(world: dict, config: FerretConfig, batch_size: int, seed: int, split: str = "train") -> grain.IterDataset:
+    """Endless shuffled batches of `dense_example`s of the synthetic `world` (make_scene options),
+    with a region slot for each of the world's `max_objects`."""
     source = synthetic.SyntheticSource(split, 100_000, seed=seed, **world)
+    max_regions = world.get("max_objects", synthetic.MAX_OBJECTS)
     categories = list(source.categories)
     grids = world.get("grids", anyres.GRIDS)
     return (grain.MapDataset.source(source).shuffle(seed=seed).repeat()
@@ -256,8 +257,8 @@ def warm_up(
     describe = lambda m: (f"object-patch acc clip {m['clip_object_acc']:.3f} dino {m['dino_object_acc']:.3f}  "  # noqa: E731
                           f"first box digit clip {m['clip_first_digit_acc']:.3f} dino {m['dino_first_digit_acc']:.3f}  "
                           f"region acc {m['region_acc']:.3f}")
-    batches = dense_dataset(world, config, batch_size, seed, max_regions=world.get("max_objects", 8))
-    params, result = adamw_fit(functools.partial(dense_loss, model=model), init, iter(batches),
+    batches = iter(dense_dataset(world, config, batch_size, seed))
+    params, result = adamw_fit(functools.partial(dense_loss, model=model), init, batches,
                                steps=steps, lr=lr, seed=seed, tag="warmup", describe=describe, log_every=log_every, log=log)
     return {k: jax.device_get(params[k]) for k in ("clip", "dino", "sampler")}, result
 

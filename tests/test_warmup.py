@@ -141,7 +141,7 @@ def test_language_warm_up_learns_the_answers():
 def test_the_sampler_learns_the_regions_categories_through_the_region_head():
     """On one fixed batch, 30 AdamW steps of the dense loss cut the regions' cross-entropy by more
     than half: the gradient reaches the sampler and its features come to tell the objects apart."""
-    batch = next(iter(warmup.dense_dataset(TINY_WORLD, TINY, 8, seed=0, max_regions=3)))
+    batch = next(iter(warmup.dense_dataset(TINY_WORLD, TINY, 8, seed=0)))
     assert batch["region_valid"].any() and not batch["region_label"][~batch["region_valid"]].any()
     model = warmup.DenseHeads(TINY, TINY_LABELS)
     loss = functools.partial(warmup.dense_loss, model=model)
