@@ -4,7 +4,8 @@
         "grit":   {"type": "grit", "annotations": "/data/grit.json", "image_root": "/data/coco2014"},
         "vqa":    {"type": "grounded_conversation", "annotations": "/data/llava_vqa.json",
                    "image_root": "/data", "detections": "/data/glip.json", "min_score": 0.5},
-        "shapes": {"type": "synthetic", "split": "train", "num_records": 100000},
+        "shapes": {"type": "synthetic", "split": "train", "num_records": 100000,
+                   "grounding_share": 0.5},  # stage III: grounding vs referring questions
     }
     config.data.weights = {"grit": 3.0, "vqa": 1.0, "shapes": 0.5}
 
@@ -26,7 +27,8 @@ from data_pipelines.sources import conversation, detection, evaluation, grit, tf
 
 
 def _synthetic(opts: dict, stage: int):
-    return synthetic.SyntheticSource(**opts), pipeline.synthetic_task(stage)
+    share = opts.pop("grounding_share", 0.5)
+    return synthetic.SyntheticSource(**opts), pipeline.synthetic_task(stage, share)
 
 
 def _conversation(opts: dict, stage: int):
@@ -43,12 +45,14 @@ def _grit(opts: dict, stage: int):
 
 
 def _detection(opts: dict, stage: int):
-    return detection.DetectionSource(**opts), pipeline.objects_task(stage)
+    share = opts.pop("grounding_share", 0.5)
+    return detection.DetectionSource(**opts), pipeline.objects_task(stage, share)
 
 
 def _tfds(opts: dict, stage: int):
+    share = opts.pop("grounding_share", 0.5)  # detection datasets only
     source = tfds_source.TfdsSource(**opts)
-    return source, pipeline.objects_task(stage) if source.kind == "detection" else pipeline.conversation_task
+    return source, pipeline.objects_task(stage, share) if source.kind == "detection" else pipeline.conversation_task
 
 
 def _refexp(opts: dict, stage: int):

@@ -127,14 +127,17 @@ def _check_stage(stage: int) -> int:
     return stage
 
 
-def objects_task(stage: int) -> TaskFn:
+def objects_task(stage: int, grounding_share: float = 0.5) -> TaskFn:
     """Records with named objects (`{'image', 'objects', 'categories'}`: COCO/LVIS, TFDS detection,
     the synthetic world), one multi-turn conversation per image:
     stage 1, a caption; stage 2, Dense Referring and Dense Detection (SPEC §5.3) in random order;
     stage 3, one question for each of up to MAX_QUESTIONS objects in random order, each
-    grounding with the coordinates suffix or referring classification against a category absent
-    from the image (point, box or free-form, at random)."""
+    grounding with the coordinates suffix (with probability `grounding_share`) or referring
+    classification against a category absent from the image (point, box or free-form, at
+    random); grounding whenever no category is absent."""
     _check_stage(stage)
+    if not 0.0 <= grounding_share <= 1.0:
+        raise ValueError(f"grounding_share must be in [0, 1], got {grounding_share}")
 
     def fn(record: dict, rng: np.random.Generator):
         image, objs = record["image"], record["objects"]
@@ -149,7 +152,7 @@ def objects_task(stage: int) -> TaskFn:
         parts = []
         for k in rng.permutation(len(objs))[: MAX_QUESTIONS]:
             obj = objs[k]
-            if negatives and rng.integers(2):
+            if negatives and rng.random() >= grounding_share:
                 kind = tasks.REFERRING_KINDS[rng.integers(len(tasks.REFERRING_KINDS))]
                 negative = negatives[rng.integers(len(negatives))]
                 parts.append(tasks.referring_classification(obj, negative, w, h, rng, kind))
@@ -160,9 +163,9 @@ def objects_task(stage: int) -> TaskFn:
     return fn
 
 
-def synthetic_task(stage: int) -> TaskFn:
+def synthetic_task(stage: int, grounding_share: float = 0.5) -> TaskFn:
     """`objects_task` over the synthetic world's scenes."""
-    fn = objects_task(stage)
+    fn = objects_task(stage, grounding_share)
 
     def synthetic_fn(record: dict, rng: np.random.Generator):
         scene = record["scene"]

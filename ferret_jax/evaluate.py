@@ -499,7 +499,7 @@ def synthetic_world(meta: dict) -> dict | None:
     sources = ((meta.get("config") or {}).get("data") or {}).get("sources") or {}
     for spec in sources.values():
         if isinstance(spec, dict) and spec.get("type") == "synthetic":
-            return {k: v for k, v in spec.items() if k not in ("type", "split", "num_records", "seed")}
+            return {k: v for k, v in spec.items() if k not in ("type", "split", "num_records", "seed", "grounding_share")}
     return None
 
 

@@ -344,3 +344,13 @@ def test_evaluate_end_to_end(tiny_export, tmp_path):
     assert 0.0 <= saved["acc50"] <= 1.0 and math.isfinite(saved["mean_iou"])
     assert logs[-1].startswith("[predict] 4/4 records")  # two batches, the last one padded
     assert "acc50" in E.metrics_table(metrics)
+
+
+def test_synthetic_world_is_the_training_sources_scene_options():
+    """Held-out scenes come from the training world: the scene options of the checkpoint's first
+    synthetic source, without the source's and the task's own options."""
+    config = config_lib.stage_config(3, "demo")
+    world = E.synthetic_world({"config": {"data": config.data.to_dict()}})
+    assert world == config_lib._DEMO_SCENE
+    synthetic.SyntheticSource("test", 3, seed=0, **world)[0]  # every key is a make_scene option
+    assert E.synthetic_world({"config": {"data": {"sources": {"x": {"type": "grit"}}}}}) is None

@@ -113,6 +113,24 @@ def test_bad_records_are_counted_not_raised(proto):
         assert (b["loss_mask"].sum(1) > 0).all() and (b["region_index"] < 0).all()
 
 
+def test_stage3_grounding_share():
+    """`grounding_share` 1 asks only grounding questions, 0 only referring ones (an absent category
+    exists in every synthetic scene), 0.75 about three in four; outside [0, 1] it raises."""
+    source = synthetic.SyntheticSource("train", 200, seed=0)
+
+    def share(value):
+        fn, rng, kinds = pipeline.synthetic_task(3, value), np.random.default_rng(0), []
+        for i in range(len(source)):
+            kinds += [q.startswith("What is the location") for role, q in fn(source[i], rng)[1].turns if role == "human"]
+        return np.mean(kinds), len(kinds)
+
+    assert share(1.0)[0] == 1.0 and share(0.0)[0] == 0.0
+    measured, n = share(0.75)
+    assert n > 400 and abs(measured - 0.75) < 0.05
+    with pytest.raises(ValueError, match="grounding_share"):
+        pipeline.synthetic_task(3, 1.5)
+
+
 def test_bad_configuration_raises(proto):
     with pytest.raises(ValueError, match="equal, non-zero counts"):
         pipeline.build_dataset([_Indexed(3)], [1.0, 2.0], [_indexed_task], proto, CFG, 2, 0)
