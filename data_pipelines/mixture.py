@@ -144,8 +144,8 @@ def synthetic_tokenizer(vocab_size: int, scenes: int = 300, seed: int = 0) -> by
     rng = np.random.default_rng(seed)
     corpus = [text.SYSTEM_PROMPT, text.GROUNDING_SUFFIX, tasks.DENSE_REFERRING_Q, tasks.DENSE_DETECTION_Q]
     fns = [pipeline.synthetic_task(stage) for stage in (1, 2, 3)]
-    # Worlds with and without size words: answers start with a capitalized name ("Red circle
-    # [...]"), which should be whole pieces as in a real LLM vocabulary, not letters.
+    # Worlds with and without size words: every word of a name should be a whole piece, as in a
+    # real LLM vocabulary, not letters.
     for name_sizes in (True, False):
         source = synthetic.SyntheticSource("train", scenes, seed=seed, name_sizes=name_sizes)
         corpus += list(source.categories)

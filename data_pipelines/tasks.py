@@ -115,8 +115,10 @@ def dense_detection(
 
 
 def grounding(name: str, boxes: Sequence[Sequence[float]], width: int, height: int, suffix: bool = True) -> Task:
-    """REC-style grounding (SPEC §7.1 prompt): where is <name>? -> '<Name> [box]', or
-    '<Name> [[box1], [box2]]' when several objects answer to the name (V2 Fig. 1)."""
+    """REC-style grounding (SPEC §7.1 prompt): where is <name>? -> '<name> [box].', or
+    '<name> [[box1], [box2]].' when several objects answer to the name (V2 Fig. 1). The name is
+    written as asked, as in Dense Detection's '1: <name> [box]': the answer's name is then the
+    question's tokens, not a capitalized variant the model has to learn to map to them."""
     if not boxes:
         raise ValueError(f"no box to ground {name!r}")
     question = text.rec_question(name)
@@ -124,7 +126,7 @@ def grounding(name: str, boxes: Sequence[Sequence[float]], width: int, height: i
         question = text.add_grounding_suffix(question)
     coords = [text.box_text(b, width, height) for b in boxes]
     written = coords[0] if len(coords) == 1 else "[" + ", ".join(coords) + "]"
-    return Task([("human", question), ("gpt", f"{name[:1].upper()}{name[1:]} {written}.")], [], [])
+    return Task([("human", question), ("gpt", f"{name} {written}.")], [], [])
 
 
 def referring_classification(

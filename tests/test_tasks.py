@@ -69,10 +69,10 @@ def test_grounding_and_classification_prompts():
     dog = _objects()[0]
     g = tasks.grounding(dog.name, [dog.box], W, H)
     assert g.turns[0][1] == "What is the location of dog in the image?\nInclude the coordinates for each mentioned object."
-    assert g.turns[1][1] == "Dog [600, 100, 750, 400]."
+    assert g.turns[1][1] == "dog [600, 100, 750, 400]."
     two = tasks.grounding("red dog", [dog.box, (0, 0, 99, 49)], W, H, suffix=False)
     assert two.turns[0][1] == "What is the location of red dog in the image?"
-    assert two.turns[1][1] == "Red dog [[600, 100, 750, 400], [0, 0, 495, 490]]."
+    assert two.turns[1][1] == "red dog [[600, 100, 750, 400], [0, 0, 495, 490]]."
     assert text.parse_groundings(two.turns[1][1], W, H)[0].boxes == [(120, 10, 150, 40), (0, 0, 99, 49)]
     c = tasks.referring_classification(dog, "cat", W, H, np.random.default_rng(0))
     assert re.fullmatch(r"Is the object \[600, 100, 750, 400\] <region_fea> of the image a (dog or a cat|cat or a dog)\?", c.turns[0][1])
