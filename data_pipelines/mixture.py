@@ -27,7 +27,7 @@ from data_pipelines.sources import conversation, detection, evaluation, grit, tf
 
 
 def _synthetic(opts: dict, stage: int):
-    share = opts.pop("grounding_share", 0.5)
+    share = opts.pop("grounding_share", pipeline.GROUNDING_SHARE)
     return synthetic.SyntheticSource(**opts), pipeline.synthetic_task(stage, share)
 
 
@@ -45,12 +45,12 @@ def _grit(opts: dict, stage: int):
 
 
 def _detection(opts: dict, stage: int):
-    share = opts.pop("grounding_share", 0.5)
+    share = opts.pop("grounding_share", pipeline.GROUNDING_SHARE)
     return detection.DetectionSource(**opts), pipeline.objects_task(stage, share)
 
 
 def _tfds(opts: dict, stage: int):
-    share = opts.pop("grounding_share", 0.5)  # detection datasets only
+    share = opts.pop("grounding_share", pipeline.GROUNDING_SHARE)  # detection datasets only
     source = tfds_source.TfdsSource(**opts)
     return source, pipeline.objects_task(stage, share) if source.kind == "detection" else pipeline.conversation_task
 

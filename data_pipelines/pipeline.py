@@ -28,6 +28,7 @@ SKIP_REASONS = (
 REPAIR_REASONS = ("clipped_box", "dropped_annotation")
 MAX_REDRAWS = 16
 MAX_QUESTIONS = 3  # stage III questions per image (each may refer to one region)
+GROUNDING_SHARE = 0.5  # stage III: the default share of those questions that ask for a box
 
 # A task function turns one source record into (image, Task).
 TaskFn = Callable[[dict, np.random.Generator], tuple[np.ndarray, tasks.Task]]
@@ -127,7 +128,7 @@ def _check_stage(stage: int) -> int:
     return stage
 
 
-def objects_task(stage: int, grounding_share: float = 0.5) -> TaskFn:
+def objects_task(stage: int, grounding_share: float = GROUNDING_SHARE) -> TaskFn:
     """Records with named objects (`{'image', 'objects', 'categories'}`: COCO/LVIS, TFDS detection,
     the synthetic world), one multi-turn conversation per image:
     stage 1, a caption; stage 2, Dense Referring and Dense Detection (SPEC §5.3) in random order;
@@ -163,7 +164,7 @@ def objects_task(stage: int, grounding_share: float = 0.5) -> TaskFn:
     return fn
 
 
-def synthetic_task(stage: int, grounding_share: float = 0.5) -> TaskFn:
+def synthetic_task(stage: int, grounding_share: float = GROUNDING_SHARE) -> TaskFn:
     """`objects_task` over the synthetic world's scenes."""
     fn = objects_task(stage, grounding_share)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import inspect
 import json
 import os
 import re
@@ -499,7 +500,8 @@ def synthetic_world(meta: dict) -> dict | None:
     sources = ((meta.get("config") or {}).get("data") or {}).get("sources") or {}
     for spec in sources.values():
         if isinstance(spec, dict) and spec.get("type") == "synthetic":
-            return {k: v for k, v in spec.items() if k not in ("type", "split", "num_records", "seed", "grounding_share")}
+            scene_options = inspect.signature(synthetic.make_scene).parameters
+            return {k: v for k, v in spec.items() if k in scene_options}
     return None
 
 
