@@ -17,9 +17,9 @@ Targets come from the same any-res preprocessing the training batches use, so a 
 the object it really shows in that view.
 
 Language warm-up (`language_warm_up`), the stand-in for the pretrained LLM: the LLM alone learns
-the answers of the world's stage-III conversations from their text (no image, coordinates
-scrambled): the answer formats, and to take the object's name from the question, which the random
-LLM otherwise did not learn within the demo's stages.
+the answers of the world's stage-III conversations and stage-I captions from their text (no
+image, coordinates scrambled): the answer formats, and to take the object's name from the
+question, which the random LLM otherwise did not learn within the demo's stages.
 """
 
 from __future__ import annotations
@@ -290,21 +290,27 @@ def text_example(turns: Sequence[tuple[str, str]], tokenizer: text.Tokenizer, ma
 
 
 def language_dataset(world: dict, tokenizer: text.Tokenizer, batch_size: int, max_length: int, seed: int,
-                     system_prompt: bool = True, skipped: collections.Counter | None = None) -> grain.IterDataset:
+                     system_prompt: bool = True, skipped: collections.Counter | None = None,
+                     caption_share: float = 0.0) -> grain.IterDataset:
     """Endless shuffled batches of `text_example`s of the synthetic world's stage-III conversations
     (grounding and binary-choice referring questions), their images left out and their coordinates
     scrambled (`scramble_coordinates`). Without the image a box can only be guessed, and a learned
     guess of the world's typical box is what the stages would have to unlearn (with the real
     coordinates the stage-III model kept answering it); without the coordinates' digits in the loss
     the heads that take names from the question did not form in 400 steps. Conversations longer
-    than `max_length` are skipped and counted in `skipped['too_long']`."""
+    than `max_length` are skipped and counted in `skipped['too_long']`. A `caption_share` of the
+    conversations are the world's stage-I captions instead: a frozen LLM that knows their format is
+    what lets stage I align the projector (the names are then all it has to bring)."""
+    if not 0.0 <= caption_share <= 1.0:
+        raise ValueError(f"caption_share must be in [0, 1], got {caption_share}")
     source = synthetic.SyntheticSource("train", 100_000, seed=seed, **world)
-    task = pipeline.synthetic_task(3)
+    task, caption_task = pipeline.synthetic_task(3), pipeline.synthetic_task(1)
     skipped = collections.Counter() if skipped is None else skipped
 
     def example(record: dict, rng: np.random.Generator) -> dict | None:
+        fn = caption_task if rng.random() < caption_share else task
         try:
-            return text_example(scramble_coordinates(task(record, rng)[1].turns, rng), tokenizer, max_length, system_prompt)
+            return text_example(scramble_coordinates(fn(record, rng)[1].turns, rng), tokenizer, max_length, system_prompt)
         except ExampleError as e:
             skipped[e.reason] += 1
             return None
@@ -325,16 +331,16 @@ def language_loss(params, batch: dict, model: Llama) -> tuple[jax.Array, dict]:
 
 def language_warm_up(
     config: LlamaConfig, world: dict, tokenizer: text.Tokenizer, *, steps: int, batch_size: int, lr: float, max_length: int,
-    system_prompt: bool, seed: int = 0, log_every: int = 50, log: Callable[[str], None] = print,
+    system_prompt: bool, caption_share: float = 0.0, seed: int = 0, log_every: int = 50, log: Callable[[str], None] = print,
 ) -> tuple[dict, dict]:
     """Trains the LLM alone on the answers of the world's stage-III conversations (no images,
-    scrambled coordinates) for `steps` steps: it learns the answer formats and to take names from
+    scrambled coordinates; a `caption_share` of stage-I captions) for `steps` steps: it learns the answer formats and to take names from
     the question, which a pretrained LLM brings. `system_prompt` as in the stages' examples.
     Conversations are padded to `max_length` tokens; longer ones are skipped and counted
     (`skipped_too_long`). Returns (`{'llm'}` params for `save_converted`, the `adamw_fit` metrics)."""
     model = Llama(config)
     skipped = collections.Counter()
-    batches = language_dataset(world, tokenizer, batch_size, max_length, seed, system_prompt, skipped)
+    batches = language_dataset(world, tokenizer, batch_size, max_length, seed, system_prompt, skipped, caption_share)
     params, result = adamw_fit(functools.partial(language_loss, model=model),
                                lambda k, b: model.init(k, b["tokens"][:1])["params"], iter(batches),
                                steps=steps, lr=lr, seed=seed, tag="llm warmup", log_every=log_every, log=log,

@@ -129,6 +129,22 @@ def test_language_dataset_skips_and_counts_the_conversations_too_long():
     assert skipped["too_long"] > 0 and set(skipped) == {"too_long"}
 
 
+@pytest.mark.parametrize("share", [0.0, 0.25, 1.0])
+def test_language_dataset_mixes_in_the_stage1_captions_at_caption_share(share):
+    tokenizer = text.Tokenizer(model_proto=th.tokenizer_proto())
+    batches = iter(warmup.language_dataset(TINY_WORLD, tokenizer, 16, 200, 0, system_prompt=False, caption_share=share))
+    rows = [row for _ in range(15) for row in next(batches)["tokens"]]
+    first_words = [tokenizer.decode([int(t) for t in row if t > 0]).split()[1] for row in rows]  # after "USER:"
+    captions = np.mean([w == "Describe" for w in first_words])  # the caption prompt (tasks.caption)
+    assert set(first_words) <= {"Describe", "What", "Is"}, set(first_words)  # caption, grounding, referring
+    assert abs(captions - share) < 0.07, (captions, share)
+
+
+def test_language_dataset_rejects_a_caption_share_outside_0_1():
+    with pytest.raises(ValueError, match="caption_share"):
+        warmup.language_dataset(TINY_WORLD, text.Tokenizer(model_proto=th.tokenizer_proto()), 8, 200, 0, caption_share=1.5)
+
+
 def test_language_warm_up_learns_the_answers():
     config = TINY.llm
     tokenizer = text.Tokenizer(model_proto=th.tokenizer_proto())
