@@ -30,7 +30,7 @@ STAGE_RECORDS = 64  # after stages 1 and 2 (progress only)
 
 
 WARMUP_TRAINS = {"warmup": "clip, dino, sampler (dense patch categories and box digits, region categories)",
-                 "language_warmup": "llm (stage-III answers as text: no images, coordinates scrambled)"}
+                 "language_warmup": "llm (stage-III answers and stage-I captions as text: no images, coordinates scrambled)"}
 
 
 def stage_trains(stage: int) -> str:
