@@ -2,6 +2,11 @@ PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?= -n 2 --dist loadfile
+# XLA's CPU runtime allocates every step's buffers afresh; where Linux keeps transparent huge
+# pages for `madvise` callers only, malloc's memory is faulted in 4 KiB at a time each step (a
+# quarter of a demo step's CPU time in the kernel). glibc >= 2.35 then asks for huge pages; older
+# ones ignore it. BENCHMARKS.md, "malloc and huge pages".
+export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
 .PHONY: install test demo bench clean
 
