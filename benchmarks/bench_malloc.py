@@ -29,12 +29,9 @@ SETTINGS = {"default": None, "hugetlb": "glibc.malloc.hugetlb=1"}
 def child(steps: int) -> None:
     """Times `steps` demo stage-III steps after 3 untimed ones; prints one JSON line."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-    from data_pipelines import mixture
-    from ferret_jax import config_lib, train
-    from train_step import SIZE, STAGE, FerretStep
+    from train_step import FerretStep, demo_inputs
 
-    cfg = config_lib.stage_config(STAGE, SIZE)
-    step = FerretStep(cfg, mixture.synthetic_tokenizer(train.model_config(cfg).llm.vocab_size - 1))
+    step = FerretStep(*demo_inputs())
     for _ in range(3):
         step()
     r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()

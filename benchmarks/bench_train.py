@@ -38,10 +38,8 @@ import transformers
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from data_pipelines import mixture  # noqa: E402
-from ferret_jax import config_lib  # noqa: E402
 from timing import interleaved  # noqa: E402
-from train_step import SIZE, STAGE, FerretStep  # noqa: E402
+from train_step import FerretStep, demo_inputs  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,9 +138,7 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
-    cfg = config_lib.stage_config(STAGE, SIZE)
-    mcfg = config_lib.ferret_config(SIZE, **dict(cfg.model))
-    proto = mixture.synthetic_tokenizer(mcfg.llm.vocab_size - 1)
+    cfg, proto = demo_inputs()
     full = FerretStep(cfg, proto)
     glob = FerretStep(cfg, proto, use_local=False)
     hf = HFStep(glob.mcfg, glob, cfg.optim.lr)

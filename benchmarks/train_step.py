@@ -16,6 +16,12 @@ from ferret_jax.models.ferret import Ferret
 STAGE, SIZE = 3, "demo"
 
 
+def demo_inputs():
+    """(stage config, synthetic tokenizer proto) of the benchmarked stage."""
+    cfg = config_lib.stage_config(STAGE, SIZE)
+    return cfg, mixture.synthetic_tokenizer(train.model_config(cfg).llm.vocab_size - 1)
+
+
 class FerretStep:
     """The stage's model, a real batch, the optimizer and the jitted step, built as `train.train`
     builds them (one-device mesh, the config's sharding rules, donated state)."""
