@@ -1,0 +1,211 @@
+"""Can the demo's decoder learn to pick the named object's box among two? An isolated probe.
+
+Grounding in the CPU demo fails on two-object scenes (README, "Demo status"). This probe takes
+the encoders out of the question: the demo-sized LLaMA (`ferret_jax.models.llama.Llama`) reads a
+prefix of 36 *clean* patch features (a 6x6 grid), each the one-hot category of the object under
+it (24 colour x shape names, or background) and the one-hot hundreds and tens digits of that
+object's four box coordinates, through a trainable linear projector. Scenes hold one or two
+objects of different names, each a rectangle of 2-4 x 2-4 patches. The text is the demo's
+grounding turn in a small vocabulary, digits one token each as the demo's tokenizer splits them:
+
+    what is the location of <colour> <shape> in the image ? <colour> <shape> [ d d d , d d d , ... ]
+
+Trained with teacher forcing and AdamW (warmup + cosine), then scored teacher-forced on 512
+held-out scenes: the first two digits of each coordinate (single- and two-object scenes), and,
+per coordinate, how often the predicted hundreds digit on a two-object scene is the asked
+object's rather than the other's (only where the two differ; 0.5 = picks at random).
+
+Options: `--loss x1` supervises only the first coordinate's hundreds digit; `--query category`
+replaces the name by one category token, repeats it in place of "[" (the position that predicts
+the first digit) and adds its embedding to the object's patches (the easiest selection there is);
+`--first-weight W` weights the tokens of x1 and y1 by W in the loss.
+
+  python benchmarks/probe_name_lookup.py [--layers 3 --heads 4 --hidden 128 --steps 1800 --batch 8]
+
+The last output line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ferret_jax.models.llama import Llama, LlamaConfig
+
+GRID = 6
+COLOURS, SHAPES = 6, 4
+CATEGORIES = COLOURS * SHAPES
+WORDS = ("<pad>", "what", "is", "the", "location", "of", "in", "image", "?", "[", ",", "]", "<eos>")
+COLOUR0 = len(WORDS)
+SHAPE0 = COLOUR0 + COLOURS
+DIGIT0 = SHAPE0 + SHAPES
+CATEGORY0 = DIGIT0 + 10
+VOCAB = 64
+FEATURES = 1 + CATEGORIES + 4 * 20  # background/category one-hot, then hundreds + tens per coordinate
+QUESTION = 11
+FIRST_DIGIT = QUESTION + 3  # token index of x1's hundreds digit; coordinate c's is 4 c later
+
+
+def place_objects(rng: np.random.Generator) -> list[tuple[int, tuple[int, int, int, int]]]:
+    """1-2 objects of different categories as (category, (col, row, w, h)) patch rectangles."""
+    while True:  # a crowded draw starts the whole scene again
+        n = int(rng.integers(1, 3))
+        taken = np.zeros((GRID, GRID), bool)
+        objects = []
+        for _ in range(n):
+            w, h = (int(v) for v in rng.integers(2, 5, 2))
+            c, r = int(rng.integers(0, GRID - w + 1)), int(rng.integers(0, GRID - h + 1))
+            category = int(rng.integers(CATEGORIES))
+            if taken[r : r + h, c : c + w].any() or any(category == o[0] for o in objects):
+                break
+            taken[r : r + h, c : c + w] = True
+            objects.append((category, (c, r, w, h)))
+        if len(objects) == n:
+            return objects
+
+
+def example(rng: np.random.Generator, args) -> dict:
+    """One scene: features `[36, FEATURES]`, query ids `[36]` (added to the patches with `--query
+    category`), tokens `[T]`, loss weights `[T]`, the asked box and the other object's (or None)."""
+    objects = place_objects(rng)
+    features = np.zeros((GRID, GRID, FEATURES), np.float32)
+    features[..., 0] = 1
+    patch_ids = np.zeros((GRID, GRID), np.int32)
+    boxes = []
+    for category, (c, r, w, h) in objects:
+        jitter = rng.uniform(0, 0.4, 4)
+        box = [(c + jitter[0]) / GRID, (r + jitter[1]) / GRID, (c + w - jitter[2]) / GRID, (r + h - jitter[3]) / GRID]
+        box = [min(999, int(v * 1000)) for v in box]
+        boxes.append(box)
+        cell = features[r : r + h, c : c + w]
+        cell[..., 0] = 0
+        cell[..., 1 + category] = 1
+        for i, v in enumerate(box):
+            cell[..., 1 + CATEGORIES + 20 * i + v // 100] = 1
+            cell[..., 1 + CATEGORIES + 20 * i + 10 + (v // 10) % 10] = 1
+        if args.query == "category":
+            patch_ids[r : r + h, c : c + w] = CATEGORY0 + category
+    k = int(rng.integers(len(objects)))
+    category = objects[k][0]
+    if args.query == "category":
+        name, opener = [CATEGORY0 + category], CATEGORY0 + category
+    else:
+        name, opener = [COLOUR0 + category // SHAPES, SHAPE0 + category % SHAPES], WORDS.index("[")
+    question = [1, 2, 3, 4, 5] + name + [6, 3, 7, 8]
+    question = question + [0] * (QUESTION - len(question))  # one name token: pad to the same layout
+    answer = [0] * (2 - len(name)) + name + [opener]
+    for i, v in enumerate(boxes[k]):
+        answer += [DIGIT0 + v // 100, DIGIT0 + (v // 10) % 10, DIGIT0 + v % 10, WORDS.index("," if i < 3 else "]")]
+    answer.append(WORDS.index("<eos>"))
+    tokens = question + answer
+    weights = np.array([0.0] * QUESTION + [1.0] * len(answer), np.float32)
+    weights[QUESTION : QUESTION + 2 - len(name)] = 0  # the padding before a one-token name
+    if args.loss == "x1":
+        weights[:] = 0
+        weights[FIRST_DIGIT] = 1
+    else:
+        weights[[FIRST_DIGIT + o for o in (0, 1, 2, 4, 5, 6)]] *= args.first_weight
+    return dict(features=features.reshape(-1, FEATURES), patch_ids=patch_ids.reshape(-1), tokens=np.array(tokens, np.int32),
+                weights=weights, box=boxes[k], other=boxes[1 - k] if len(objects) == 2 else None)
+
+
+def batch(rng: np.random.Generator, n: int, args) -> tuple[dict, list[dict]]:
+    examples = [example(rng, args) for _ in range(n)]
+    arrays = {key: np.stack([e[key] for e in examples]) for key in ("features", "patch_ids", "tokens", "weights")}
+    return arrays, examples
+
+
+class Probe(nn.Module):
+    """Projected patch features `[B, 36, F]` then text `[B, T]` through the LLM; text logits `[B, T, V]`."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, features, patch_ids, tokens):
+        llm = Llama(self.config, name="llm")
+        visual = nn.Dense(self.config.hidden_size, name="projector")(features)
+        visual = visual + llm.embed(patch_ids) * (patch_ids > 0)[..., None]
+        logits, _ = llm(embeddings=jnp.concatenate([visual, llm.embed(tokens)], axis=1))
+        return logits[:, GRID * GRID :]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--layers", type=int, default=3)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--steps", type=int, default=1800)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--loss", choices=("answer", "x1"), default="answer")
+    p.add_argument("--query", choices=("name", "category"), default="name")
+    p.add_argument("--first-weight", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
+                         num_layers=args.layers, num_heads=args.heads, num_kv_heads=args.heads,
+                         max_position_embeddings=128, scan_unroll=args.layers)
+    model = Probe(config)
+    rng = np.random.default_rng(args.seed)
+    held_out, held_out_examples = batch(np.random.default_rng(10_000 + args.seed), 512, args)
+    params = model.init(jax.random.PRNGKey(args.seed), held_out["features"][:1], held_out["patch_ids"][:1],
+                        held_out["tokens"][:1, :-1])
+    schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, max(1, args.steps // 20), args.steps)
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
+    opt_state = optimizer.init(params)
+
+    def loss_fn(params, b):
+        logits = model.apply(params, b["features"], b["patch_ids"], b["tokens"][:, :-1])
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, b["tokens"][:, 1:])
+        return (ce * b["weights"][:, 1:]).sum() / b["weights"][:, 1:].sum()
+
+    @jax.jit
+    def step(params, opt_state, b):
+        loss, grads = jax.value_and_grad(loss_fn)(params, b)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    @jax.jit
+    def predict(params, b):  # predicted id of every next token, teacher-forced
+        return jnp.argmax(model.apply(params, b["features"], b["patch_ids"], b["tokens"][:, :-1]), -1)
+
+    def score(params) -> dict:
+        pred = np.asarray(predict(params, held_out))
+        single, two, picks = [], [], {c: [] for c in range(4)}
+        for i, e in enumerate(held_out_examples):
+            at = [FIRST_DIGIT + 4 * c for c in range(4)]
+            hundreds = [int(pred[i, j - 1]) - DIGIT0 for j in at]
+            tens = [int(pred[i, j]) - DIGIT0 for j in at]
+            box, other = e["box"], e["other"]
+            right = np.mean([hundreds[c] == box[c] // 100 and tens[c] == box[c] // 10 % 10 for c in range(4)])
+            (single if other is None else two).append(right)
+            for c in range(4):
+                if other is not None and box[c] // 100 != other[c] // 100:
+                    picks[c].append(hundreds[c] == box[c] // 100)
+        return {"two_digits_single": float(np.mean(single)), "two_digits_two_objects": float(np.mean(two)),
+                "asked_object_picked": {n: round(float(np.mean(picks[c])), 3) for c, n in enumerate(("x1", "y1", "x2", "y2"))}}
+
+    print(f"probe: {args.layers} layers, {args.heads} heads, hidden {args.hidden}; {args.steps} steps of "
+          f"{args.batch}; loss {args.loss}, query {args.query}, first-weight {args.first_weight}", flush=True)
+    start = time.time()
+    for i in range(1, args.steps + 1):
+        b, _ = batch(rng, args.batch, args)
+        params, opt_state, loss = step(params, opt_state, b)
+        if i % max(1, args.steps // 6) == 0 or i == args.steps:
+            s = score(params)
+            print(f"step {i}/{args.steps} loss {float(loss):.3f} | first two digits right: single {s['two_digits_single']:.2f}, "
+                  f"two objects {s['two_digits_two_objects']:.2f} | asked object picked {s['asked_object_picked']} | "
+                  f"{time.time() - start:.0f}s", flush=True)
+    print(json.dumps({**vars(args), **s, "seconds": round(time.time() - start, 1)}))
+
+
+if __name__ == "__main__":
+    main()
