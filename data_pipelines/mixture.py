@@ -17,6 +17,7 @@ option, weights that don't name exactly the sources, missing files.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping
 
 import grain
@@ -134,9 +135,13 @@ def build_stage_dataset(*args, read_options: grain.ReadOptions | None = None, **
     return build_stage_batches(*args, **kwargs).to_iter_dataset(read_options or pipeline.DEFAULT_READ_OPTIONS)
 
 
+@functools.lru_cache(maxsize=8)
 def synthetic_tokenizer(vocab_size: int, scenes: int = 300, seed: int = 0) -> bytes:
     """A SentencePiece model (proto bytes) trained on the synthetic world's texts of all three
-    stages, digits split; deterministic for (vocab_size, scenes, seed). Used by the demo and tests."""
+    stages, digits split; deterministic for (vocab_size, scenes, seed). Used by the demo and tests.
+
+    Kept per process: every fresh workdir of a synthetic run (the warm-up, then each stage) asks
+    for it, and drawing its 600 scenes takes ~15 s on a 2-core CPU."""
     import numpy as np
 
     from data_pipelines import tasks, text
