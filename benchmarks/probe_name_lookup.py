@@ -18,7 +18,10 @@ object's rather than the other's (only where the two differ; 0.5 = picks at rand
 Options: `--loss x1` supervises only the first coordinate's hundreds digit; `--query category`
 replaces the name by one category token, repeats it in place of "[" (the position that predicts
 the first digit) and adds its embedding to the object's patches (the easiest selection there is);
-`--first-weight W` weights the tokens of x1 and y1 by W in the loss.
+`--first-weight W` weights the tokens of x1 and y1 by W in the loss; `--text-warmup N` first
+trains N steps with the objects written out as text in place of the features ("<name> [box]" for
+each: finding the asked name in the text and copying its box is the same choice
+made over tokens), then `--steps` on the features.
 
   python benchmarks/probe_name_lookup.py [--layers 3 --heads 4 --hidden 128 --steps 1800 --batch 8]
 
@@ -28,6 +31,7 @@ The last output line is one JSON object.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 
@@ -51,6 +55,7 @@ VOCAB = 64
 FEATURES = 1 + CATEGORIES + 4 * 20  # background/category one-hot, then hundreds + tens per coordinate
 QUESTION = 11
 FIRST_DIGIT = QUESTION + 3  # token index of x1's hundreds digit; coordinate c's is 4 c later
+TEXT_PREFIX = 2 * 19  # two objects written as "<name> [ d d d , d d d , d d d , d d d ]"
 
 
 def place_objects(rng: np.random.Generator) -> list[tuple[int, tuple[int, int, int, int]]]:
@@ -92,18 +97,29 @@ def example(rng: np.random.Generator, args) -> dict:
             cell[..., 1 + CATEGORIES + 20 * i + 10 + (v // 10) % 10] = 1
         if args.query == "category":
             patch_ids[r : r + h, c : c + w] = CATEGORY0 + category
+    def name_of(category: int) -> tuple[list[int], int]:
+        if args.query == "category":
+            return [CATEGORY0 + category], CATEGORY0 + category
+        return [COLOUR0 + category // SHAPES, SHAPE0 + category % SHAPES], WORDS.index("[")
+
+    def box_tokens(box: list[int]) -> list[int]:
+        out = []
+        for i, v in enumerate(box):
+            out += [DIGIT0 + v // 100, DIGIT0 + (v // 10) % 10, DIGIT0 + v % 10, WORDS.index("," if i < 3 else "]")]
+        return out
+
+    # The text stand-in for the image (--text-warmup): each object's name and box, in the order
+    # they were placed (random, and independent of which one is asked).
+    prefix = []
+    for (category, _), box in zip(objects, boxes):
+        name, opener = name_of(category)
+        prefix += [0] * (2 - len(name)) + name + [opener] + box_tokens(box)
+    prefix += [0] * (TEXT_PREFIX - len(prefix))
     k = int(rng.integers(len(objects)))
-    category = objects[k][0]
-    if args.query == "category":
-        name, opener = [CATEGORY0 + category], CATEGORY0 + category
-    else:
-        name, opener = [COLOUR0 + category // SHAPES, SHAPE0 + category % SHAPES], WORDS.index("[")
+    name, opener = name_of(objects[k][0])
     question = [1, 2, 3, 4, 5] + name + [6, 3, 7, 8]
     question = question + [0] * (QUESTION - len(question))  # one name token: pad to the same layout
-    answer = [0] * (2 - len(name)) + name + [opener]
-    for i, v in enumerate(boxes[k]):
-        answer += [DIGIT0 + v // 100, DIGIT0 + (v // 10) % 10, DIGIT0 + v % 10, WORDS.index("," if i < 3 else "]")]
-    answer.append(WORDS.index("<eos>"))
+    answer = [0] * (2 - len(name)) + name + [opener] + box_tokens(boxes[k]) + [WORDS.index("<eos>")]
     tokens = question + answer
     weights = np.array([0.0] * QUESTION + [1.0] * len(answer), np.float32)
     weights[QUESTION : QUESTION + 2 - len(name)] = 0  # the padding before a one-token name
@@ -112,28 +128,33 @@ def example(rng: np.random.Generator, args) -> dict:
         weights[FIRST_DIGIT] = 1
     else:
         weights[[FIRST_DIGIT + o for o in (0, 1, 2, 4, 5, 6)]] *= args.first_weight
-    return dict(features=features.reshape(-1, FEATURES), patch_ids=patch_ids.reshape(-1), tokens=np.array(tokens, np.int32),
+    return dict(features=features.reshape(-1, FEATURES), patch_ids=patch_ids.reshape(-1), prefix=np.array(prefix, np.int32),
+                tokens=np.array(tokens, np.int32),
                 weights=weights, box=boxes[k], other=boxes[1 - k] if len(objects) == 2 else None)
 
 
 def batch(rng: np.random.Generator, n: int, args) -> tuple[dict, list[dict]]:
     examples = [example(rng, args) for _ in range(n)]
-    arrays = {key: np.stack([e[key] for e in examples]) for key in ("features", "patch_ids", "tokens", "weights")}
+    arrays = {key: np.stack([e[key] for e in examples]) for key in ("features", "patch_ids", "prefix", "tokens", "weights")}
     return arrays, examples
 
 
 class Probe(nn.Module):
-    """Projected patch features `[B, 36, F]` then text `[B, T]` through the LLM; text logits `[B, T, V]`."""
+    """Projected patch features `[B, 36, F]` (or, with `text`, the objects written out `[B, 38]`)
+    then text `[B, T]` through the LLM; text logits `[B, T, V]`."""
 
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, features, patch_ids, tokens):
+    def __call__(self, b, tokens, text: bool = False):
         llm = Llama(self.config, name="llm")
-        visual = nn.Dense(self.config.hidden_size, name="projector")(features)
-        visual = visual + llm.embed(patch_ids) * (patch_ids > 0)[..., None]
-        logits, _ = llm(embeddings=jnp.concatenate([visual, llm.embed(tokens)], axis=1))
-        return logits[:, GRID * GRID :]
+        if text:
+            head = llm.embed(b["prefix"])
+        else:
+            head = nn.Dense(self.config.hidden_size, name="projector")(b["features"])
+            head = head + llm.embed(b["patch_ids"]) * (b["patch_ids"] > 0)[..., None]
+        logits, _ = llm(embeddings=jnp.concatenate([head, llm.embed(tokens)], axis=1))
+        return logits[:, head.shape[1] :]
 
 
 def main() -> None:
@@ -147,6 +168,8 @@ def main() -> None:
     p.add_argument("--loss", choices=("answer", "x1"), default="answer")
     p.add_argument("--query", choices=("name", "category"), default="name")
     p.add_argument("--first-weight", type=float, default=1.0)
+    p.add_argument("--text-warmup", type=int, default=0,
+                   help="steps on the text stand-in (names and boxes written out) before --steps on the features")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
@@ -156,29 +179,29 @@ def main() -> None:
     model = Probe(config)
     rng = np.random.default_rng(args.seed)
     held_out, held_out_examples = batch(np.random.default_rng(10_000 + args.seed), 512, args)
-    params = model.init(jax.random.PRNGKey(args.seed), held_out["features"][:1], held_out["patch_ids"][:1],
-                        held_out["tokens"][:1, :-1])
-    schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, max(1, args.steps // 20), args.steps)
-    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
-    opt_state = optimizer.init(params)
+    params = model.init(jax.random.PRNGKey(args.seed), jax.tree.map(lambda x: x[:1], held_out), held_out["tokens"][:1, :-1])
 
-    def loss_fn(params, b):
-        logits = model.apply(params, b["features"], b["patch_ids"], b["tokens"][:, :-1])
+    def optimizer(steps: int):
+        schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, max(1, steps // 20), steps)
+        return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
+
+    def loss_fn(params, b, text):
+        logits = model.apply(params, b, b["tokens"][:, :-1], text)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, b["tokens"][:, 1:])
         return (ce * b["weights"][:, 1:]).sum() / b["weights"][:, 1:].sum()
 
-    @jax.jit
-    def step(params, opt_state, b):
-        loss, grads = jax.value_and_grad(loss_fn)(params, b)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
+    @functools.partial(jax.jit, static_argnums=(3, 4))
+    def step(params, opt_state, b, text, opt):
+        loss, grads = jax.value_and_grad(loss_fn)(params, b, text)
+        updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    @jax.jit
-    def predict(params, b):  # predicted id of every next token, teacher-forced
-        return jnp.argmax(model.apply(params, b["features"], b["patch_ids"], b["tokens"][:, :-1]), -1)
+    @functools.partial(jax.jit, static_argnums=2)
+    def predict(params, b, text):  # predicted id of every next token, teacher-forced
+        return jnp.argmax(model.apply(params, b, b["tokens"][:, :-1], text), -1)
 
-    def score(params) -> dict:
-        pred = np.asarray(predict(params, held_out))
+    def score(params, text=False) -> dict:
+        pred = np.asarray(predict(params, held_out, text))
         single, two, picks = [], [], {c: [] for c in range(4)}
         for i, e in enumerate(held_out_examples):
             at = [FIRST_DIGIT + 4 * c for c in range(4)]
@@ -194,17 +217,26 @@ def main() -> None:
                 "asked_object_picked": {n: round(float(np.mean(picks[c])), 3) for c, n in enumerate(("x1", "y1", "x2", "y2"))}}
 
     print(f"probe: {args.layers} layers, {args.heads} heads, hidden {args.hidden}; {args.steps} steps of "
-          f"{args.batch}; loss {args.loss}, query {args.query}, first-weight {args.first_weight}", flush=True)
+          f"{args.batch}; loss {args.loss}, query {args.query}, first-weight {args.first_weight}; "
+          f"text warm-up {args.text_warmup} steps", flush=True)
     start = time.time()
-    for i in range(1, args.steps + 1):
-        b, _ = batch(rng, args.batch, args)
-        params, opt_state, loss = step(params, opt_state, b)
-        if i % max(1, args.steps // 6) == 0 or i == args.steps:
-            s = score(params)
-            print(f"step {i}/{args.steps} loss {float(loss):.3f} | first two digits right: single {s['two_digits_single']:.2f}, "
-                  f"two objects {s['two_digits_two_objects']:.2f} | asked object picked {s['asked_object_picked']} | "
-                  f"{time.time() - start:.0f}s", flush=True)
-    print(json.dumps({**vars(args), **s, "seconds": round(time.time() - start, 1)}))
+    text_scores = None
+    for text, steps in ((True, args.text_warmup), (False, args.steps)):
+        if not steps:
+            continue
+        opt = optimizer(steps)
+        opt_state = opt.init(params)
+        for i in range(1, steps + 1):
+            b, _ = batch(rng, args.batch, args)
+            params, opt_state, loss = step(params, opt_state, b, text, opt)
+            if i % max(1, steps // 6) == 0 or i == steps:
+                s = score(params, text)
+                print(f"{'text ' if text else ''}step {i}/{steps} loss {float(loss):.3f} | first two digits right: "
+                      f"single {s['two_digits_single']:.2f}, two objects {s['two_digits_two_objects']:.2f} | "
+                      f"asked object picked {s['asked_object_picked']} | {time.time() - start:.0f}s", flush=True)
+        if text:
+            text_scores = s
+    print(json.dumps({**vars(args), **s, "text_warmup_scores": text_scores, "seconds": round(time.time() - start, 1)}))
 
 
 if __name__ == "__main__":
