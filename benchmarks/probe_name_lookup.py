@@ -21,7 +21,9 @@ the first digit) and adds its embedding to the object's patches (the easiest sel
 `--first-weight W` weights the tokens of x1 and y1 by W in the loss; `--text-warmup N` first
 trains N steps with the objects written out as text in place of the features ("<name> [box]" for
 each: finding the asked name in the text and copying its box is the same choice
-made over tokens), then `--steps` on the features.
+made over tokens), then `--steps` on the features. `--curriculum N` first trains N steps of
+`--query category-untied --loss x1` (the category token as the query, its embedding *not* added
+to the patches), then `--steps` in the given setting.
 
   python benchmarks/probe_name_lookup.py [--layers 3 --heads 4 --hidden 128 --steps 1800 --batch 8]
 
@@ -98,7 +100,7 @@ def example(rng: np.random.Generator, args) -> dict:
         if args.query == "category":
             patch_ids[r : r + h, c : c + w] = CATEGORY0 + category
     def name_of(category: int) -> tuple[list[int], int]:
-        if args.query == "category":
+        if args.query.startswith("category"):
             return [CATEGORY0 + category], CATEGORY0 + category
         return [COLOUR0 + category // SHAPES, SHAPE0 + category % SHAPES], WORDS.index("[")
 
@@ -166,10 +168,12 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--loss", choices=("answer", "x1"), default="answer")
-    p.add_argument("--query", choices=("name", "category"), default="name")
+    p.add_argument("--query", choices=("name", "category", "category-untied"), default="name")
     p.add_argument("--first-weight", type=float, default=1.0)
     p.add_argument("--text-warmup", type=int, default=0,
                    help="steps on the text stand-in (names and boxes written out) before --steps on the features")
+    p.add_argument("--curriculum", type=int, default=0,
+                   help="steps with --query category-untied --loss x1 before --steps in the given setting")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
@@ -178,8 +182,11 @@ def main() -> None:
                          max_position_embeddings=128, scan_unroll=args.layers)
     model = Probe(config)
     rng = np.random.default_rng(args.seed)
-    held_out, held_out_examples = batch(np.random.default_rng(10_000 + args.seed), 512, args)
-    params = model.init(jax.random.PRNGKey(args.seed), jax.tree.map(lambda x: x[:1], held_out), held_out["tokens"][:1, :-1])
+    def held_out_set(phase_args):  # the same 512 scenes in each phase's format
+        return batch(np.random.default_rng(10_000 + args.seed), 512, phase_args)
+
+    sample, _ = batch(np.random.default_rng(0), 1, args)
+    params = model.init(jax.random.PRNGKey(args.seed), sample, sample["tokens"][:, :-1])
 
     def optimizer(steps: int):
         schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, max(1, steps // 20), steps)
@@ -200,7 +207,7 @@ def main() -> None:
     def predict(params, b, text):  # predicted id of every next token, teacher-forced
         return jnp.argmax(model.apply(params, b, b["tokens"][:, :-1], text), -1)
 
-    def score(params, text=False) -> dict:
+    def score(params, held_out, held_out_examples, text=False) -> dict:
         pred = np.asarray(predict(params, held_out, text))
         single, two, picks = [], [], {c: [] for c in range(4)}
         for i, e in enumerate(held_out_examples):
@@ -220,23 +227,27 @@ def main() -> None:
           f"{args.batch}; loss {args.loss}, query {args.query}, first-weight {args.first_weight}; "
           f"text warm-up {args.text_warmup} steps", flush=True)
     start = time.time()
-    text_scores = None
-    for text, steps in ((True, args.text_warmup), (False, args.steps)):
+    curriculum = argparse.Namespace(**{**vars(args), "query": "category-untied", "loss": "x1"})
+    phases = [("text ", True, args.text_warmup, args), ("curriculum ", False, args.curriculum, curriculum),
+              ("", False, args.steps, args)]
+    earlier = {}
+    for label, text, steps, phase_args in phases:
         if not steps:
             continue
         opt = optimizer(steps)
         opt_state = opt.init(params)
+        phase_held_out = held_out_set(phase_args)
         for i in range(1, steps + 1):
-            b, _ = batch(rng, args.batch, args)
+            b, _ = batch(rng, args.batch, phase_args)
             params, opt_state, loss = step(params, opt_state, b, text, opt)
             if i % max(1, steps // 6) == 0 or i == steps:
-                s = score(params, text)
-                print(f"{'text ' if text else ''}step {i}/{steps} loss {float(loss):.3f} | first two digits right: "
+                s = score(params, *phase_held_out, text)
+                print(f"{label}step {i}/{steps} loss {float(loss):.3f} | first two digits right: "
                       f"single {s['two_digits_single']:.2f}, two objects {s['two_digits_two_objects']:.2f} | "
                       f"asked object picked {s['asked_object_picked']} | {time.time() - start:.0f}s", flush=True)
-        if text:
-            text_scores = s
-    print(json.dumps({**vars(args), **s, "text_warmup_scores": text_scores, "seconds": round(time.time() - start, 1)}))
+        if label:
+            earlier[f"{label.strip()}_scores"] = s
+    print(json.dumps({**vars(args), **s, **earlier, "seconds": round(time.time() - start, 1)}))
 
 
 if __name__ == "__main__":
