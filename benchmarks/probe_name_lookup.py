@@ -78,9 +78,25 @@ def place_objects(rng: np.random.Generator) -> list[tuple[int, tuple[int, int, i
             return objects
 
 
+def name_tokens(category: int, query: str) -> tuple[list[int], int]:
+    """The name's ids (colour, shape; or the one category token) and the id that opens its box."""
+    if query.startswith("category"):
+        return [CATEGORY0 + category], CATEGORY0 + category
+    return [COLOUR0 + category // SHAPES, SHAPE0 + category % SHAPES], WORDS.index("[")
+
+
+def box_tokens(box: list[int]) -> list[int]:
+    """`d d d , d d d , d d d , d d d ]`: one id per digit, as the demo's tokenizer splits them."""
+    out = []
+    for i, v in enumerate(box):
+        out += [DIGIT0 + v // 100, DIGIT0 + (v // 10) % 10, DIGIT0 + v % 10, WORDS.index("," if i < 3 else "]")]
+    return out
+
+
 def example(rng: np.random.Generator, args) -> dict:
-    """One scene: features `[36, FEATURES]`, query ids `[36]` (added to the patches with `--query
-    category`), tokens `[T]`, loss weights `[T]`, the asked box and the other object's (or None)."""
+    """One scene: features `[36, FEATURES]`, patch ids `[36]` (added to the patches with `--query
+    category`), the objects written as text `[38]` (`--text-warmup`), tokens `[T]`, loss weights
+    `[T]`, the asked box and the other object's (or None)."""
     objects = place_objects(rng)
     features = np.zeros((GRID, GRID, FEATURES), np.float32)
     features[..., 0] = 1
@@ -99,26 +115,15 @@ def example(rng: np.random.Generator, args) -> dict:
             cell[..., 1 + CATEGORIES + 20 * i + 10 + (v // 10) % 10] = 1
         if args.query == "category":
             patch_ids[r : r + h, c : c + w] = CATEGORY0 + category
-    def name_of(category: int) -> tuple[list[int], int]:
-        if args.query.startswith("category"):
-            return [CATEGORY0 + category], CATEGORY0 + category
-        return [COLOUR0 + category // SHAPES, SHAPE0 + category % SHAPES], WORDS.index("[")
-
-    def box_tokens(box: list[int]) -> list[int]:
-        out = []
-        for i, v in enumerate(box):
-            out += [DIGIT0 + v // 100, DIGIT0 + (v // 10) % 10, DIGIT0 + v % 10, WORDS.index("," if i < 3 else "]")]
-        return out
-
     # The text stand-in for the image (--text-warmup): each object's name and box, in the order
     # they were placed (random, and independent of which one is asked).
     prefix = []
     for (category, _), box in zip(objects, boxes):
-        name, opener = name_of(category)
+        name, opener = name_tokens(category, args.query)
         prefix += [0] * (2 - len(name)) + name + [opener] + box_tokens(box)
     prefix += [0] * (TEXT_PREFIX - len(prefix))
     k = int(rng.integers(len(objects)))
-    name, opener = name_of(objects[k][0])
+    name, opener = name_tokens(objects[k][0], args.query)
     question = [1, 2, 3, 4, 5] + name + [6, 3, 7, 8]
     question = question + [0] * (QUESTION - len(question))  # one name token: pad to the same layout
     answer = [0] * (2 - len(name)) + name + [opener] + box_tokens(boxes[k]) + [WORDS.index("<eos>")]
@@ -131,8 +136,7 @@ def example(rng: np.random.Generator, args) -> dict:
     else:
         weights[[FIRST_DIGIT + o for o in (0, 1, 2, 4, 5, 6)]] *= args.first_weight
     return dict(features=features.reshape(-1, FEATURES), patch_ids=patch_ids.reshape(-1), prefix=np.array(prefix, np.int32),
-                tokens=np.array(tokens, np.int32),
-                weights=weights, box=boxes[k], other=boxes[1 - k] if len(objects) == 2 else None)
+                tokens=np.array(tokens, np.int32), weights=weights, box=boxes[k], other=boxes[1 - k] if len(objects) == 2 else None)
 
 
 def batch(rng: np.random.Generator, n: int, args) -> tuple[dict, list[dict]]:
