@@ -339,7 +339,8 @@ def _abstract(tree, shardings):
 def _initial_params(config, abstract_params, shardings, init_fn, log) -> tuple[Any, str]:
     """Params for a fresh run (DESIGN §9 order after the workdir and `resume`): `init_from` (all
     six subtrees) -> `pretrained` (the subtrees the directory holds, of clip, dino, llm and the demo
-    warm-up's sampler; the rest keep their random init) -> random init."""
+    warm-up's sampler; the rest keep their random init) -> random init. `init_fn(names)` returns
+    the random init of the top-level subtrees `names`."""
     target = _abstract(abstract_params, shardings)
     if config.init.init_from:
         params, meta = checkpoint.load_params(config.init.init_from, target)
@@ -352,9 +353,9 @@ def _initial_params(config, abstract_params, shardings, init_fn, log) -> tuple[A
 
         held = sorted(converted_configs(config.init.pretrained))
         _, loaded = load_converted(config.init.pretrained, {k: target[k] for k in held})
-        params = {**init_fn(), **loaded}
+        params = {**init_fn(tuple(k for k in abstract_params if k not in loaded)), **loaded}
         return params, f"pretrained {config.init.pretrained} ({', '.join(held)})"
-    return init_fn(), "random init"
+    return init_fn(tuple(abstract_params)), "random init"
 
 
 def train(config, workdir: str, stop_requested: Callable[[int], bool] | None = None) -> dict:
@@ -421,7 +422,12 @@ def _train(config, workdir: str, stop_requested, preemption: "_Preemption") -> d
             "config": json.loads(config.to_json_best_effort())}
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        init_params = jax.jit(lambda k: _values(model.init(k, sample)["params"]), out_shardings=param_shards)
+        def init_params(names: tuple[str, ...]) -> dict:
+            # Only the returned subtrees are computed (XLA drops the rest): a stage that loads
+            # pretrained backbones never materializes, nor compiles, their random init.
+            init = lambda k: {n: v for n, v in _values(model.init(k, sample)["params"]).items() if n in names}
+            return jax.jit(init, out_shardings={n: param_shards[n] for n in names})(jax.random.key(config.seed))
+
         own = mngr.latest_step()
         if own is not None or config.init.resume:
             source_mngr = mngr if own is not None else checkpoint.manager(config.init.resume, None, False)
@@ -432,7 +438,7 @@ def _train(config, workdir: str, stop_requested, preemption: "_Preemption") -> d
             origin = f"resumed from step {step0} of {'this workdir' if own is not None else config.init.resume}"
         else:
             params, origin = _initial_params(
-                config, abstract_params, param_shards, lambda: init_params(jax.random.key(config.seed)), log
+                config, abstract_params, param_shards, init_params, log
             )
             state = jax.jit(lambda p: init_state(p, tx), out_shardings=shards)(params)
         step = start_step = int(jax.device_get(state["step"]))
