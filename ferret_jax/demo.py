@@ -81,11 +81,15 @@ def constant_box_baseline(world: dict, num_records: int) -> float:
     return hits / len(records)
 
 
+# One decoding setting for every evaluation and the picture, so they share one compiled program.
+EVAL_BATCH, MAX_NEW_TOKENS = 16, 32
+
+
 def _evaluate(workdir: str, out: str, records: int, log) -> dict:
-    grounding = evaluate.evaluate("synthetic_grounding", workdir, os.path.join(out, "grounding"),
-                                  num_records=records, batch_size=16, max_new_tokens=32, log=lambda _: None)
-    referring = evaluate.evaluate("synthetic_referring", workdir, os.path.join(out, "referring"),
-                                  num_records=records, batch_size=16, max_new_tokens=16, log=lambda _: None)
+    grounding = evaluate.evaluate("synthetic_grounding", workdir, os.path.join(out, "grounding"), num_records=records,
+                                  batch_size=EVAL_BATCH, max_new_tokens=MAX_NEW_TOKENS, log=lambda _: None)
+    referring = evaluate.evaluate("synthetic_referring", workdir, os.path.join(out, "referring"), num_records=records,
+                                  batch_size=EVAL_BATCH, max_new_tokens=MAX_NEW_TOKENS, log=lambda _: None)
     return {"grounding_acc50": grounding["acc50"], "grounding_mean_iou": grounding["mean_iou"],
             "referring_acc": referring["accuracy"], "eval_records": records}
 
@@ -96,7 +100,8 @@ def grounded_picture(workdir: str, path: str, world: dict, count: int = 8) -> No
     from ferret_jax.generate import Sampling
 
     records = evaluate.synthetic_grounding_records("test", count, 7, True, world)
-    answers = evaluate.predict(model, params, tokenizer, ecfg, records, Sampling(32, eos_id=tokenizer.eos_id), count)
+    answers = evaluate.predict(model, params, tokenizer, ecfg, records, Sampling(MAX_NEW_TOKENS, eos_id=tokenizer.eos_id),
+                               EVAL_BATCH)
     pictures = []
     for r, answer in zip(records, answers):
         h, w = r["image"].shape[:2]

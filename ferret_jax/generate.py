@@ -282,6 +282,11 @@ def generate(model: Ferret, params, batch: dict, sampling: Sampling, rng=None, c
     )
 
 
+# Model and sampling are static: every `make_generate` without a mesh shares one compiled program
+# per (config, sampling, batch shape), e.g. the evaluations of one checkpoint on several tasks.
+_generate_jit = jax.jit(generate, static_argnums=(0, 3))
+
+
 def make_generate(
     model: Ferret, sampling: Sampling, mesh=None, param_shardings=None
 ) -> Callable[..., dict]:
@@ -294,7 +299,8 @@ def make_generate(
     if param_shardings is not None and mesh is None:
         raise ValueError("param_shardings need the mesh they refer to")
     if mesh is None:
-        jitted = jax.jit(lambda p, b, r: generate(model, p, b, sampling, r))
+        def jitted(p, b, r):
+            return _generate_jit(model, p, b, sampling, r)
         batch_devices = 1
     else:
         batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
