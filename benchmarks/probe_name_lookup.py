@@ -18,7 +18,9 @@ object's rather than the other's (only where the two differ; 0.5 = picks at rand
 Options: `--loss x1` supervises only the first coordinate's hundreds digit; `--query category`
 replaces the name by one category token, repeats it in place of "[" (the position that predicts
 the first digit) and adds its embedding to the object's patches (the easiest selection there is);
-`--first-weight W` weights the tokens of x1 and y1 by W in the loss; `--text-warmup N` first
+`--query name-tied` keeps the two-word name and adds both words' embeddings to the patches;
+`--first-weight W` weights the tokens of x1 and y1 by W in the loss; `--x1-share P` gives a share P
+of the two-object training scenes the loss of `--loss x1` (the rest keep the whole answer's); `--text-warmup N` first
 trains N steps with the objects written out as text in place of the features ("<name> [box]" for
 each: finding the asked name in the text and copying its box is the same choice
 made over tokens), then `--steps` on the features. `--curriculum N` first trains N steps of
@@ -93,14 +95,21 @@ def box_tokens(box: list[int]) -> list[int]:
     return out
 
 
+def x1_only(weights: np.ndarray) -> np.ndarray:
+    """The loss weights `[T]` of `--loss x1`: x1's hundreds digit alone."""
+    out = np.zeros_like(weights)
+    out[FIRST_DIGIT] = 1
+    return out
+
+
 def example(rng: np.random.Generator, args) -> dict:
-    """One scene: features `[36, FEATURES]`, patch ids `[36]` (added to the patches with `--query
+    """One scene: features `[36, FEATURES]`, patch ids `[36, 2]` (added to the patches with `--query
     category`), the objects written as text `[38]` (`--text-warmup`), tokens `[T]`, loss weights
     `[T]`, the asked box and the other object's (or None)."""
     objects = place_objects(rng)
     features = np.zeros((GRID, GRID, FEATURES), np.float32)
     features[..., 0] = 1
-    patch_ids = np.zeros((GRID, GRID), np.int32)
+    patch_ids = np.zeros((GRID, GRID, 2), np.int32)
     boxes = []
     for category, (c, r, w, h) in objects:
         jitter = rng.uniform(0, 0.4, 4)
@@ -114,7 +123,9 @@ def example(rng: np.random.Generator, args) -> dict:
             cell[..., 1 + CATEGORIES + 20 * i + v // 100] = 1
             cell[..., 1 + CATEGORIES + 20 * i + 10 + (v // 10) % 10] = 1
         if args.query == "category":
-            patch_ids[r : r + h, c : c + w] = CATEGORY0 + category
+            patch_ids[r : r + h, c : c + w, 0] = CATEGORY0 + category
+        if args.query == "name-tied":
+            patch_ids[r : r + h, c : c + w] = name_tokens(category, args.query)[0]
     # The text stand-in for the image (--text-warmup): each object's name and box, in the order
     # they were placed (random, and independent of which one is asked).
     prefix = []
@@ -131,16 +142,21 @@ def example(rng: np.random.Generator, args) -> dict:
     weights = np.array([0.0] * QUESTION + [1.0] * len(answer), np.float32)
     weights[QUESTION : QUESTION + 2 - len(name)] = 0  # the padding before a one-token name
     if args.loss == "x1":
-        weights[:] = 0
-        weights[FIRST_DIGIT] = 1
+        weights = x1_only(weights)
     else:
         weights[[FIRST_DIGIT + o for o in (0, 1, 2, 4, 5, 6)]] *= args.first_weight
-    return dict(features=features.reshape(-1, FEATURES), patch_ids=patch_ids.reshape(-1), prefix=np.array(prefix, np.int32),
+    return dict(features=features.reshape(-1, FEATURES), patch_ids=patch_ids.reshape(-1, 2), prefix=np.array(prefix, np.int32),
                 tokens=np.array(tokens, np.int32), weights=weights, box=boxes[k], other=boxes[1 - k] if len(objects) == 2 else None)
 
 
-def batch(rng: np.random.Generator, n: int, args) -> tuple[dict, list[dict]]:
+def batch(rng: np.random.Generator, n: int, args, x1_rng: np.random.Generator | None = None) -> tuple[dict, list[dict]]:
+    """`n` scenes; with `x1_rng`, a share `args.x1_share` of the two-object ones get `x1_only` weights
+    (drawn from `x1_rng`, so the scenes are the same whatever the share)."""
     examples = [example(rng, args) for _ in range(n)]
+    if x1_rng is not None and args.x1_share > 0:
+        for e in examples:
+            if e["other"] is not None and x1_rng.uniform() < args.x1_share:
+                e["weights"] = x1_only(e["weights"])
     arrays = {key: np.stack([e[key] for e in examples]) for key in ("features", "patch_ids", "prefix", "tokens", "weights")}
     return arrays, examples
 
@@ -158,7 +174,7 @@ class Probe(nn.Module):
             head = llm.embed(b["prefix"])
         else:
             head = nn.Dense(self.config.hidden_size, name="projector")(b["features"])
-            head = head + llm.embed(b["patch_ids"]) * (b["patch_ids"] > 0)[..., None]
+            head = head + (llm.embed(b["patch_ids"]) * (b["patch_ids"] > 0)[..., None]).sum(-2)
         logits, _ = llm(embeddings=jnp.concatenate([head, llm.embed(tokens)], axis=1))
         return logits[:, head.shape[1] :]
 
@@ -172,8 +188,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--loss", choices=("answer", "x1"), default="answer")
-    p.add_argument("--query", choices=("name", "category", "category-untied"), default="name")
+    p.add_argument("--query", choices=("name", "name-tied", "category", "category-untied"), default="name")
     p.add_argument("--first-weight", type=float, default=1.0)
+    p.add_argument("--x1-share", type=float, default=0.0,
+                   help="share of the two-object training scenes whose loss is x1's hundreds digit alone")
     p.add_argument("--text-warmup", type=int, default=0,
                    help="steps on the text stand-in (names and boxes written out) before --steps on the features")
     p.add_argument("--curriculum", type=int, default=0,
@@ -186,6 +204,7 @@ def main() -> None:
                          max_position_embeddings=128, scan_unroll=args.layers)
     model = Probe(config)
     rng = np.random.default_rng(args.seed)
+    x1_rng = np.random.default_rng(args.seed + 1)
     def held_out_set(phase_args):  # the same 512 scenes in each phase's format
         return batch(np.random.default_rng(10_000 + args.seed), 512, phase_args)
 
@@ -228,7 +247,7 @@ def main() -> None:
                 "asked_object_picked": {n: round(float(np.mean(picks[c])), 3) for c, n in enumerate(("x1", "y1", "x2", "y2"))}}
 
     print(f"probe: {args.layers} layers, {args.heads} heads, hidden {args.hidden}; {args.steps} steps of "
-          f"{args.batch}; loss {args.loss}, query {args.query}, first-weight {args.first_weight}; "
+          f"{args.batch}; loss {args.loss}{f' (x1 alone on {args.x1_share:.0%} of two-object scenes)' if args.x1_share else ''}, query {args.query}, first-weight {args.first_weight}; "
           f"text warm-up {args.text_warmup} steps", flush=True)
     start = time.time()
     curriculum = argparse.Namespace(**{**vars(args), "query": "category-untied", "loss": "x1"})
@@ -242,7 +261,7 @@ def main() -> None:
         opt_state = opt.init(params)
         phase_held_out = held_out_set(phase_args)
         for i in range(1, steps + 1):
-            b, _ = batch(rng, args.batch, phase_args)
+            b, _ = batch(rng, args.batch, phase_args, x1_rng)
             params, opt_state, loss = step(params, opt_state, b, text, opt)
             if i % max(1, steps // 6) == 0 or i == steps:
                 s = score(params, *phase_held_out, text)
