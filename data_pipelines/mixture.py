@@ -136,9 +136,12 @@ def build_stage_dataset(*args, read_options: grain.ReadOptions | None = None, **
 
 
 @functools.lru_cache(maxsize=8)
-def synthetic_tokenizer(vocab_size: int, scenes: int = 300, seed: int = 0) -> bytes:
+def synthetic_tokenizer(vocab_size: int, scenes: int = 300, seed: int = 0, whole_names: bool = False) -> bytes:
     """A SentencePiece model (proto bytes) trained on the synthetic world's texts of all three
-    stages, digits split; deterministic for (vocab_size, scenes, seed). Used by the demo and tests.
+    stages, digits split; deterministic for its arguments. Used by the demo and tests.
+
+    With `whole_names`, every colour-shape name ("red circle") is one piece, as most object names
+    are one token of a real LLM's vocabulary (`benchmarks/probe_name_copy.py`; README, Demo status).
 
     Kept per process: every fresh workdir of a synthetic run (the warm-up, then each stage) asks
     for it, and drawing its 600 scenes takes ~15 s on a 2-core CPU."""
@@ -157,4 +160,6 @@ def synthetic_tokenizer(vocab_size: int, scenes: int = 300, seed: int = 0) -> by
         for i in range(scenes):
             for fn in fns:
                 corpus += [t for _, t in fn(source[i], rng)[1].turns]
-    return text.train_tiny_tokenizer(corpus, vocab_size=vocab_size)
+    names = [f"{c} {s}" for c in synthetic.COLOURS for s in synthetic.SHAPES] if whole_names else []
+    # A user-defined piece is matched in the normalized text, where spaces are "▁".
+    return text.train_tiny_tokenizer(corpus, vocab_size=vocab_size, user_defined_symbols=["▁" + n.replace(" ", "▁") for n in names])

@@ -113,3 +113,23 @@ def test_synthetic_tokenizer_keeps_names_whole():
     tok = text.Tokenizer(model_proto=mixture.synthetic_tokenizer(1023))
     for form in (*synthetic.COLOURS, *synthetic.SHAPES, *synthetic.SIZES):
         assert len(tok.encode(form)) == 1, (form, [tok.decode([i]) for i in tok.encode(form)])
+    assert len(tok.encode("red circle")) == 2
+
+
+def test_synthetic_tokenizer_with_whole_names_has_one_piece_per_name():
+    """`whole_names`: each colour-shape name is one id, the same in a question, an answer and a
+    referring choice, with or without a size word before it."""
+    from data_pipelines import synthetic, text
+
+    tok = text.Tokenizer(model_proto=mixture.synthetic_tokenizer(1023, whole_names=True))
+    ids = set()
+    for colour in synthetic.COLOURS:
+        for shape in synthetic.SHAPES:
+            name = f"{colour} {shape}"
+            (piece,) = tok.encode(name)
+            for sentence in (f"What is the location of {name} in the image?", f"{name} [120, 340, 560, 780]",
+                             f"Is it a {name} or a blue square?", f"a large {name}."):
+                assert piece in tok.encode(sentence), (sentence, [tok.decode([i]) for i in tok.encode(sentence)])
+            ids.add(piece)
+            assert tok.decode(tok.encode(f"the {name} [1")) == f"the {name} [1"
+    assert len(ids) == len(synthetic.COLOURS) * len(synthetic.SHAPES)
