@@ -32,7 +32,7 @@ HELD_OUT_BATCHES, HELD_OUT_BATCH, HELD_OUT_SEED = 4, 64, 12345
 
 def name_ids(tokenizer: text.Tokenizer, whole: bool) -> set[int]:
     """The ids a name is written with: the 24 whole-name pieces, or the 10 colour and shape words."""
-    forms = [f"{c} {s}" for c in synthetic.COLOURS for s in synthetic.SHAPES] if whole else [*synthetic.COLOURS, *synthetic.SHAPES]
+    forms = synthetic.category_names(name_sizes=False) if whole else (*synthetic.COLOURS, *synthetic.SHAPES)
     ids = [tokenizer.encode(f) for f in forms]
     if any(len(i) != 1 for i in ids):
         raise ValueError("every name form should be one piece of the tokenizer")

@@ -160,6 +160,8 @@ def synthetic_tokenizer(vocab_size: int, scenes: int = 300, seed: int = 0, whole
         for i in range(scenes):
             for fn in fns:
                 corpus += [t for _, t in fn(source[i], rng)[1].turns]
+    # The names in colour-then-shape order, not `synthetic.category_names`' sorted one: the order
+    # fixes the pieces' ids, and the README's name-copy figures were measured with this one.
     names = [f"{c} {s}" for c in synthetic.COLOURS for s in synthetic.SHAPES] if whole_names else []
     # A user-defined piece is matched in the normalized text, where spaces are "▁".
     return text.train_tiny_tokenizer(corpus, vocab_size=vocab_size, user_defined_symbols=["▁" + n.replace(" ", "▁") for n in names])
