@@ -26,6 +26,12 @@ each: finding the asked name in the text and copying its box is the same choice
 made over tokens), then `--steps` on the features. `--curriculum N` first trains N steps of
 `--query category-untied --loss x1` (the category token as the query, its embedding *not* added
 to the patches), then `--steps` in the given setting.
+`--opener` picks the token before x1's first digit (the position that writes it): by default the
+category token itself with a category query and "[" with a name; `bracket` is "[" always; `shape`
+writes a name's shape word and "[" as one token ("red", "circle [", ...), so the name's own last
+token opens the box. `--distinct shape` (or `colour-and-shape`) keeps two objects of a scene from
+sharing a shape (or either word); `--noise P` shows a random category in a share P of the object
+patches' features, as an imperfectly warmed encoder would.
 
   python benchmarks/probe_name_lookup.py [--layers 3 --heads 4 --hidden 128 --steps 1800 --batch 8]
 
@@ -55,6 +61,7 @@ COLOUR0 = len(WORDS)
 SHAPE0 = COLOUR0 + COLOURS
 DIGIT0 = SHAPE0 + SHAPES
 CATEGORY0 = DIGIT0 + 10
+SHAPE_BRACKET0 = CATEGORY0 + CATEGORIES  # "<shape> [" as one token (`--opener shape`)
 VOCAB = 64
 FEATURES = 1 + CATEGORIES + 4 * 20  # background/category one-hot, then hundreds + tens per coordinate
 QUESTION = 11
@@ -62,8 +69,9 @@ FIRST_DIGIT = QUESTION + 3  # token index of x1's hundreds digit; coordinate c's
 TEXT_PREFIX = 2 * 19  # two objects written as "<name> [ d d d , d d d , d d d , d d d ]"
 
 
-def place_objects(rng: np.random.Generator) -> list[tuple[int, tuple[int, int, int, int]]]:
-    """1-2 objects of different categories as (category, (col, row, w, h)) patch rectangles."""
+def place_objects(rng: np.random.Generator, distinct: str = "name") -> list[tuple[int, tuple[int, int, int, int]]]:
+    """1-2 objects as (category, (col, row, w, h)) patch rectangles, of different names, or with
+    `distinct="shape"` of different shapes, with `"colour-and-shape"` of different colours and shapes."""
     while True:  # a crowded draw starts the whole scene again
         n = int(rng.integers(1, 3))
         taken = np.zeros((GRID, GRID), bool)
@@ -72,7 +80,7 @@ def place_objects(rng: np.random.Generator) -> list[tuple[int, tuple[int, int, i
             w, h = (int(v) for v in rng.integers(2, 5, 2))
             c, r = int(rng.integers(0, GRID - w + 1)), int(rng.integers(0, GRID - h + 1))
             category = int(rng.integers(CATEGORIES))
-            if taken[r : r + h, c : c + w].any() or any(category == o[0] for o in objects):
+            if taken[r : r + h, c : c + w].any() or any(same(category, o[0], distinct) for o in objects):
                 break
             taken[r : r + h, c : c + w] = True
             objects.append((category, (c, r, w, h)))
@@ -80,11 +88,24 @@ def place_objects(rng: np.random.Generator) -> list[tuple[int, tuple[int, int, i
             return objects
 
 
-def name_tokens(category: int, query: str) -> tuple[list[int], int]:
-    """The name's ids (colour, shape; or the one category token) and the id that opens its box."""
-    if query.startswith("category"):
-        return [CATEGORY0 + category], CATEGORY0 + category
-    return [COLOUR0 + category // SHAPES, SHAPE0 + category % SHAPES], WORDS.index("[")
+def same(a: int, b: int, distinct: str) -> bool:
+    """Whether categories `a` and `b` may not share a scene."""
+    if distinct == "name":
+        return a == b
+    if distinct == "shape":
+        return a % SHAPES == b % SHAPES
+    return a // SHAPES == b // SHAPES or a % SHAPES == b % SHAPES
+
+
+def name_tokens(category: int, query: str, opener: str = "default") -> tuple[list[int], int]:
+    """The name's ids (colour, shape; or the one category token) and the id that opens its box:
+    by default the category token itself for a category query, "[" for a name."""
+    name = [CATEGORY0 + category] if query.startswith("category") else [COLOUR0 + category // SHAPES, SHAPE0 + category % SHAPES]
+    if opener == "shape":  # the shape word and "[" are one token: the name's last token opens the box
+        return name[:-1], SHAPE_BRACKET0 + category % SHAPES
+    if opener == "bracket" or (opener == "default" and not query.startswith("category")):
+        return name, WORDS.index("[")
+    return name, CATEGORY0 + category
 
 
 def box_tokens(box: list[int]) -> list[int]:
@@ -106,7 +127,7 @@ def example(rng: np.random.Generator, args) -> dict:
     """One scene: features `[36, FEATURES]`, patch ids `[36, 2]` (added to the patches with `--query
     category`), the objects written as text `[38]` (`--text-warmup`), tokens `[T]`, loss weights
     `[T]`, the asked box and the other object's (or None)."""
-    objects = place_objects(rng)
+    objects = place_objects(rng, args.distinct)
     features = np.zeros((GRID, GRID, FEATURES), np.float32)
     features[..., 0] = 1
     patch_ids = np.zeros((GRID, GRID, 2), np.int32)
@@ -118,7 +139,11 @@ def example(rng: np.random.Generator, args) -> dict:
         boxes.append(box)
         cell = features[r : r + h, c : c + w]
         cell[..., 0] = 0
-        cell[..., 1 + category] = 1
+        # --noise: a share of the object's patches shows a random category, as a warmed encoder's do
+        shown = np.full((h, w), category)
+        if args.noise:  # drawn only then, so runs without it see the scenes they always did
+            shown = np.where(rng.uniform(size=(h, w)) < args.noise, rng.integers(CATEGORIES, size=(h, w)), category)
+        np.put_along_axis(cell, 1 + shown[..., None], 1, axis=-1)
         for i, v in enumerate(box):
             cell[..., 1 + CATEGORIES + 20 * i + v // 100] = 1
             cell[..., 1 + CATEGORIES + 20 * i + 10 + (v // 10) % 10] = 1
@@ -130,12 +155,12 @@ def example(rng: np.random.Generator, args) -> dict:
     # they were placed (random, and independent of which one is asked).
     prefix = []
     for (category, _), box in zip(objects, boxes):
-        name, opener = name_tokens(category, args.query)
+        name, opener = name_tokens(category, args.query, args.opener)
         prefix += [0] * (2 - len(name)) + name + [opener] + box_tokens(box)
     prefix += [0] * (TEXT_PREFIX - len(prefix))
     k = int(rng.integers(len(objects)))
-    name, opener = name_tokens(objects[k][0], args.query)
-    question = [1, 2, 3, 4, 5] + name + [6, 3, 7, 8]
+    name, opener = name_tokens(objects[k][0], args.query, args.opener)
+    question = [1, 2, 3, 4, 5] + name_tokens(objects[k][0], args.query)[0] + [6, 3, 7, 8]
     question = question + [0] * (QUESTION - len(question))  # one name token: pad to the same layout
     answer = [0] * (2 - len(name)) + name + [opener] + box_tokens(boxes[k]) + [WORDS.index("<eos>")]
     tokens = question + answer
@@ -189,6 +214,12 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--loss", choices=("answer", "x1"), default="answer")
     p.add_argument("--query", choices=("name", "name-tied", "category", "category-untied"), default="name")
+    p.add_argument("--distinct", choices=("name", "shape", "colour-and-shape"), default="name",
+                   help="what two objects of a scene never share")
+    p.add_argument("--opener", choices=("default", "bracket", "shape"), default="default",
+                   help="the token before x1 (it writes x1's first digit): the category token for a category query "
+                        "and '[' for a name (default), always '[' (bracket), or '<shape> [' as one token (shape)")
+    p.add_argument("--noise", type=float, default=0.0, help="share of object patches whose category feature is random")
     p.add_argument("--first-weight", type=float, default=1.0)
     p.add_argument("--x1-share", type=float, default=0.0,
                    help="share of the two-object training scenes whose loss is x1's hundreds digit alone")
@@ -198,6 +229,8 @@ def main() -> None:
                    help="steps with --query category-untied --loss x1 before --steps in the given setting")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    if args.opener == "shape" and args.query != "name":
+        p.error("--opener shape splits a two-word name: use it with --query name")
 
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
                          num_layers=args.layers, num_heads=args.heads, num_kv_heads=args.heads,
