@@ -233,9 +233,31 @@ def flickr_recall(predictions: Sequence[str], records: Sequence[dict]) -> tuple[
     return {"recall1": recall, "n_phrases": n_phrases, "n": len(samples)}, samples
 
 
+def grounding_by_scene(samples: Sequence[dict], records: Sequence[dict]) -> dict:
+    """What the synthetic grounding answers hit, by the number of objects in the scene.
+
+    Records need `other_boxes` (the scene's other objects, pixels); `samples` are `rec_accuracy`'s.
+    Returns `acc50_by_objects` ({objects in the scene: Acc@0.5}) and `other_object_rate`: the share
+    of answers in scenes of several objects whose box has IoU >= 0.5 with another object than the
+    one asked for (it picked the wrong object), None without such scenes.
+    """
+    _check_lengths(samples, records)
+    hits, wrong, crowded = collections.defaultdict(list), 0, 0
+    for s, r in zip(samples, records):
+        hits[1 + len(r["other_boxes"])].append(s["correct"])
+        if r["other_boxes"]:
+            crowded += 1
+            wrong += any(iou(s["box"], b) >= IOU_THRESHOLD for b in r["other_boxes"])
+    return {"acc50_by_objects": {n: _rate(sum(h), len(h)) for n, h in sorted(hits.items())},
+            "other_object_rate": _rate(wrong, crowded) if crowded else None}
+
+
 def score(task: str, predictions: Sequence[str], records: Sequence[dict]) -> tuple[dict, list[dict]]:
     """The task's metric function."""
-    if task in ("rec", "synthetic_grounding"):
+    if task == "synthetic_grounding":
+        metrics, samples = rec_accuracy(predictions, records)
+        return {**metrics, **grounding_by_scene(samples, records)}, samples
+    if task == "rec":
         return rec_accuracy(predictions, records)
     if task in ("roc", "synthetic_referring"):
         return roc_accuracy(predictions, records)
@@ -274,8 +296,9 @@ def synthetic_grounding_records(
     Each asks for an object whose name is unique in its scene (so one box is the answer; scenes
     without such an object are skipped), with the question `tasks.grounding` trains on: the REC
     prompt plus, with `grounding_suffix` (stage III's form, the default), the coordinates suffix.
-    Fields: id, image, turns, regions [], segmentations [], question, expression (the name) and
-    box: the object's inclusive mask box in pixels, what training writes as the answer.
+    Fields: id, image, turns, regions [], segmentations [], question, expression (the name), box:
+    the object's inclusive mask box in pixels, what training writes as the answer, and
+    other_boxes: the scene's other objects' boxes.
     """
     _check_count(num_records)
     out = []
@@ -290,7 +313,8 @@ def synthetic_grounding_records(
         task = tasks.grounding(obj.name, [obj.box], width, height, suffix=grounding_suffix)
         question = task.turns[0][1]
         out.append({"id": rec["id"], "image": scene.image, "turns": [("human", question)], "regions": [],
-                    "segmentations": [], "question": question, "expression": obj.name, "box": tuple(obj.box)})
+                    "segmentations": [], "question": question, "expression": obj.name, "box": tuple(obj.box),
+                    "other_boxes": [tuple(o.box) for o in scene.objects if o is not obj]})
         if len(out) == num_records:
             return out
     raise RuntimeError(f"only {len(out)} of {num_records} synthetic scenes have an object with a unique name")

@@ -1,6 +1,7 @@
 """Evaluation: SPEC §7.1 metrics on hand-made answers, the held-out synthetic records against the
 training task builders, and `evaluate` end to end on a tiny random model."""
 
+import collections
 import dataclasses
 import json
 import math
@@ -212,6 +213,38 @@ def test_grounding_records_are_deterministic_and_unambiguous(grounding_records):
         assert len(matching) == 1, record["id"]
         assert record["box"] == matching[0].box  # inclusive mask box, as training writes it
         assert np.array_equal(record["image"], scene.image)
+
+
+def test_grounding_records_name_the_other_objects(grounding_records):
+    counts = collections.Counter()
+    for record in grounding_records[:60]:
+        scene = _scene(record)
+        others = sorted(tuple(o.box) for o in scene.objects if o.name != record["expression"])
+        assert sorted(record["other_boxes"]) == others, record["id"]
+        counts[len(scene.objects)] += 1
+    assert len(counts) > 1  # scenes of one and of several objects, so the split below means something
+
+
+def test_grounding_by_scene_on_known_answers():
+    """Acc@0.5 per number of objects, and how often the box is another object's instead."""
+    asked, other = (0, 0, 9, 9), (20, 20, 29, 29)
+    records = [
+        {"box": asked, "other_boxes": [], "image": np.zeros((40, 40, 3), np.uint8)},  # alone, hit
+        {"box": asked, "other_boxes": [], "image": np.zeros((40, 40, 3), np.uint8)},  # alone, miss
+        {"box": asked, "other_boxes": [other], "image": np.zeros((40, 40, 3), np.uint8)},  # hit the asked one
+        {"box": asked, "other_boxes": [other], "image": np.zeros((40, 40, 3), np.uint8)},  # boxed the other
+        {"box": asked, "other_boxes": [other], "image": np.zeros((40, 40, 3), np.uint8)},  # no box at all
+    ]
+    # boxes on the 0-999 canvas of a 40x40 image: [0, 0, 249, 249] is pixels (0, 0, 9, 9)
+    predictions = ["a [0, 0, 249, 249]", "a [500, 500, 999, 999]", "a [0, 0, 249, 249]", "a [500, 500, 749, 749]", "none"]
+    metrics, samples = E.score("synthetic_grounding", predictions, records)
+    assert metrics["acc50"] == pytest.approx(2 / 5)
+    assert metrics["acc50_by_objects"] == {1: 0.5, 2: pytest.approx(1 / 3)}
+    assert metrics["other_object_rate"] == pytest.approx(1 / 3)
+    alone = E.grounding_by_scene(samples[:2], records[:2])
+    assert alone == {"acc50_by_objects": {1: 0.5}, "other_object_rate": None}
+    with pytest.raises(ValueError, match="predictions"):
+        E.grounding_by_scene(samples, records[:2])
 
 
 def test_grounding_prompts_are_the_training_task_prompts(grounding_records):
