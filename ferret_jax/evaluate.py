@@ -498,7 +498,7 @@ def ferret_config_from_dict(d: dict):
     return _config(FerretConfig, top, "top level")
 
 
-def _source_meta(source: str) -> dict:
+def source_meta(source: str) -> dict:
     """The meta of an export (`export.json`) or of a training run's latest checkpoint."""
     from ferret_jax import checkpoint
 
@@ -559,7 +559,7 @@ def load_model(source: str, max_length: int | None = None, max_regions: int = 1)
     from ferret_jax.models.ferret import Ferret, example_batch
     from ferret_jax.train import _values
 
-    meta = _source_meta(source)
+    meta = source_meta(source)
     if "model" not in meta:
         raise ValueError(f"checkpoint {source!r}: its meta has no 'model' config")
     model_config = ferret_config_from_dict(meta["model"])
@@ -731,7 +731,7 @@ def evaluate(
 
     if not os.path.isdir(source):  # fail before reading annotations
         raise FileNotFoundError(f"checkpoint {source!r}: no such directory (a training workdir or an export)")
-    world = synthetic_world(_source_meta(source)) if task.startswith("synthetic") else None
+    world = synthetic_world(source_meta(source)) if task.startswith("synthetic") else None
     records = load_records(task, annotations, image_root, kind, max_records, num_records, seed, grounding_suffix, world)
     os.makedirs(out_dir, exist_ok=True)
     model, params, tokenizer, example_config = load_model(source, max_length)

@@ -1,0 +1,101 @@
+"""What a demo checkpoint's encoder patches tell about the object under them. A probe.
+
+For the two-object grounding question the LLM must find the asked object's patches by its name
+(README, "Demo status"). This probe runs a trained checkpoint's encoders (`evaluate.load_model`)
+on held-out scenes of its world, labels every CLIP global-view and DINOv2 tile patch with the
+object under its centre (`warmup.dense_example`, as the dense warm-up does), fits ridge-regression
+probes on half of the scenes' object patches for the category, the shape and the colour, and
+scores them on the other half, separately for interior patches (their four neighbours show the
+same object) and edge ones.
+
+  python benchmarks/probe_patch_features.py --checkpoint RUN/stage3 [--scenes 300]
+
+The last output line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from data_pipelines import synthetic
+from ferret_jax import evaluate, warmup
+from ferret_jax.models.ferret import Ferret
+
+BATCH, SEED, RIDGE = 16, 99, 1e-2
+
+
+def interior(label: np.ndarray) -> np.ndarray:
+    """bool `[p, p]`: patches whose four neighbours carry the same label (outside counts as other)."""
+    p = np.pad(label, 1, constant_values=-1)
+    c = p[1:-1, 1:-1]
+    return (c == p[:-2, 1:-1]) & (c == p[2:, 1:-1]) & (c == p[1:-1, :-2]) & (c == p[1:-1, 2:])
+
+
+def ridge_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, classes: int) -> np.ndarray:
+    """Predicted classes of `x_test` `[N, D]` by one-vs-all ridge regression (with a bias) on `x_train`."""
+    bias = lambda x: np.concatenate([x, np.ones((len(x), 1))], 1)  # noqa: E731
+    a = bias(x_train)
+    w = np.linalg.solve(a.T @ a + RIDGE * np.eye(a.shape[1]), a.T @ np.eye(classes)[y_train])
+    return np.argmax(bias(x_test) @ w, 1)
+
+
+def patches(model, params, examples: list[dict]) -> dict:
+    """{'clip' | 'dino': (features `[N, p, p, D]`, labels `[N, p, p]`)}, one entry per view."""
+    encode = jax.jit(lambda p, g, t: model.apply({"params": p}, g, t, method=Ferret.encode_images)[:2])
+    out = {"clip": ([], []), "dino": ([], [])}
+    for start in range(0, len(examples), BATCH):
+        batch = examples[start : start + BATCH]
+        f_g, f_l = (np.asarray(f) for f in encode(params, jnp.stack([e["global_image"] for e in batch]),
+                                                  jnp.stack([e["tiles"] for e in batch])))
+        for j, e in enumerate(batch):
+            out["clip"][0].append(f_g[j])
+            out["clip"][1].append(e["global_label"])
+            for t in np.flatnonzero(e["tile_valid"]):
+                out["dino"][0].append(f_l[j, t])
+                out["dino"][1].append(e["tile_label"][t])
+    return {k: (np.stack(f), np.stack(lab)) for k, (f, lab) in out.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True, help="a demo stage's workdir or an export")
+    p.add_argument("--scenes", type=int, default=300)
+    args = p.parse_args()
+
+    model, params, _, _ = evaluate.load_model(args.checkpoint)
+    world = evaluate.synthetic_world(evaluate.source_meta(args.checkpoint)) or {}
+    source = synthetic.SyntheticSource("val", args.scenes, SEED, **world)
+    names = source.categories
+    shape_of = np.array([0] + [1 + synthetic.SHAPES.index(n.split()[-1]) for n in names])
+    colour_of = np.array([0] + [1 + list(synthetic.COLOURS).index(n.split()[-2]) for n in names])
+    rng = np.random.default_rng(0)
+    examples = [warmup.dense_example(source[i]["scene"], names, model.config, world.get("grids"), 1, rng)
+                for i in range(args.scenes)]
+    result = {"checkpoint": args.checkpoint, "scenes": args.scenes}
+    for view, (features, labels) in patches(model, params, examples).items():
+        half = len(features) // 2  # train on the first half of the views, test on the rest
+        x = features.reshape(len(features), -1, features.shape[-1])
+        y = labels.reshape(len(labels), -1)
+        inner = np.stack([interior(lab) for lab in labels]).reshape(len(labels), -1)
+        x_train, y_train = x[:half].reshape(-1, x.shape[-1]), y[:half].reshape(-1)
+        x_test, y_test, inner_test = x[half:].reshape(-1, x.shape[-1]), y[half:].reshape(-1), inner[half:].reshape(-1)
+        for what, of, classes in (("category", np.arange(len(names) + 1), len(names) + 1),
+                                  ("shape", shape_of, len(synthetic.SHAPES) + 1), ("colour", colour_of, len(synthetic.COLOURS) + 1)):
+            predicted = ridge_probe(x_train, of[y_train], x_test, classes)
+            for part, mask in (("interior", (y_test > 0) & inner_test), ("edge", (y_test > 0) & ~inner_test)):
+                acc = float(np.mean(predicted[mask] == of[y_test][mask])) if mask.any() else None
+                result[f"{view}_{part}_{what}"] = None if acc is None else round(acc, 3)
+                result[f"{view}_{part}_patches"] = int(mask.sum())
+        print(f"{view}: object patches {result[f'{view}_interior_patches']} interior, {result[f'{view}_edge_patches']} edge; "
+              + "; ".join(f"{what} {result[f'{view}_interior_{what}']} / {result[f'{view}_edge_{what}']}"
+                          for what in ("category", "shape", "colour")) + " (interior / edge)")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
