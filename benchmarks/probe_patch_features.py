@@ -61,24 +61,16 @@ def patches(model, params, examples: list[dict]) -> dict:
     return {k: (np.stack(f), np.stack(lab)) for k, (f, lab) in out.items()}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True, help="a demo stage's workdir or an export")
-    p.add_argument("--scenes", type=int, default=300)
-    args = p.parse_args()
-
-    model, params, _, _ = evaluate.load_model(args.checkpoint)
-    world = evaluate.synthetic_world(evaluate.source_meta(args.checkpoint)) or {}
-    source = synthetic.SyntheticSource("val", args.scenes, SEED, **world)
-    names = source.categories
+def probe_views(views: dict, names: tuple[str, ...]) -> dict:
+    """Ridge probes of the category, shape and colour per view ({'clip' | 'dino': (features
+    `[N, p, p, D]`, labels `[N, p, p]`)}), fit on the first half of the views, scored on the rest,
+    interior and edge object patches apart. Returns flat `{view}_{part}_{what}` accuracies and
+    `{view}_{part}_patches` counts."""
     shape_of = np.array([0] + [1 + synthetic.SHAPES.index(n.split()[-1]) for n in names])
     colour_of = np.array([0] + [1 + list(synthetic.COLOURS).index(n.split()[-2]) for n in names])
-    rng = np.random.default_rng(0)
-    examples = [warmup.dense_example(source[i]["scene"], names, model.config, world.get("grids"), 1, rng)
-                for i in range(args.scenes)]
-    result = {"checkpoint": args.checkpoint, "scenes": args.scenes}
-    for view, (features, labels) in patches(model, params, examples).items():
-        half = len(features) // 2  # train on the first half of the views, test on the rest
+    result = {}
+    for view, (features, labels) in views.items():
+        half = len(features) // 2
         x = features.reshape(len(features), -1, features.shape[-1])
         y = labels.reshape(len(labels), -1)
         inner = np.stack([interior(lab) for lab in labels]).reshape(len(labels), -1)
@@ -94,6 +86,27 @@ def main() -> None:
         print(f"{view}: object patches {result[f'{view}_interior_patches']} interior, {result[f'{view}_edge_patches']} edge; "
               + "; ".join(f"{what} {result[f'{view}_interior_{what}']} / {result[f'{view}_edge_{what}']}"
                           for what in ("category", "shape", "colour")) + " (interior / edge)")
+    return result
+
+
+def held_out_examples(world: dict, config, scenes: int) -> tuple[list[dict], tuple[str, ...]]:
+    """`warmup.dense_example`s of `scenes` held-out scenes of `world`, and the world's names."""
+    source = synthetic.SyntheticSource("val", scenes, SEED, **world)
+    rng = np.random.default_rng(0)
+    names = source.categories
+    return [warmup.dense_example(source[i]["scene"], names, config, world.get("grids"), 1, rng) for i in range(scenes)], names
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True, help="a demo stage's workdir or an export")
+    p.add_argument("--scenes", type=int, default=300)
+    args = p.parse_args()
+
+    model, params, _, _ = evaluate.load_model(args.checkpoint)
+    world = evaluate.synthetic_world(evaluate.source_meta(args.checkpoint)) or {}
+    examples, names = held_out_examples(world, model.config, args.scenes)
+    result = {"checkpoint": args.checkpoint, "scenes": args.scenes, **probe_views(patches(model, params, examples), names)}
     print(json.dumps(result))
 
 
