@@ -3,8 +3,8 @@
 For the two-object grounding question the LLM must find the asked object's patches by its name
 (README, "Demo status"). This probe runs a trained checkpoint's encoders (`evaluate.load_model`)
 on held-out scenes of its world, labels every CLIP global-view and DINOv2 tile patch with the
-object under its centre (`warmup.dense_example`, as the dense warm-up does), fits ridge-regression
-probes on half of the scenes' object patches for the category, the shape and the colour, and
+object under its centre (`warmup.dense_example`, as the dense warm-up does), fits linear
+(softmax-regression) probes on half of the scenes' object patches for the category, the shape and the colour, and
 scores them on the other half, separately for interior patches (their four neighbours show the
 same object) and edge ones.
 
@@ -21,12 +21,14 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from data_pipelines import synthetic
 from ferret_jax import evaluate, warmup
 from ferret_jax.models.ferret import Ferret
 
-BATCH, SEED, RIDGE = 16, 99, 1e-2
+BATCH, SEED = 16, 99
+PROBE_STEPS, PROBE_LR, PROBE_DECAY = 500, 0.05, 1e-3
 
 
 def interior(label: np.ndarray) -> np.ndarray:
@@ -36,12 +38,25 @@ def interior(label: np.ndarray) -> np.ndarray:
     return (c == p[:-2, 1:-1]) & (c == p[2:, 1:-1]) & (c == p[1:-1, :-2]) & (c == p[1:-1, 2:])
 
 
-def ridge_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, classes: int) -> np.ndarray:
-    """Predicted classes of `x_test` `[N, D]` by one-vs-all ridge regression (with a bias) on `x_train`."""
-    bias = lambda x: np.concatenate([x, np.ones((len(x), 1))], 1)  # noqa: E731
-    a = bias(x_train)
-    w = np.linalg.solve(a.T @ a + RIDGE * np.eye(a.shape[1]), a.T @ np.eye(classes)[y_train])
-    return np.argmax(bias(x_test) @ w, 1)
+def linear_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, classes: int) -> np.ndarray:
+    """Predicted classes of `x_test` `[N, D]` by a softmax-regression probe fit on `x_train`
+    (standardized features, full-batch Adam, a little weight decay)."""
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
+    x, xt = jnp.asarray((x_train - mean) / std), jnp.asarray((x_test - mean) / std)
+    y = jnp.asarray(y_train)
+    params = {"w": jnp.zeros((x.shape[1], classes)), "b": jnp.zeros(classes)}
+    tx = optax.adamw(PROBE_LR, weight_decay=PROBE_DECAY)
+
+    @jax.jit
+    def step(params, state):
+        loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(x @ p["w"] + p["b"], y).mean()  # noqa: E731
+        updates, state = tx.update(jax.grad(loss)(params), state, params)
+        return optax.apply_updates(params, updates), state
+
+    state = tx.init(params)
+    for _ in range(PROBE_STEPS):
+        params, state = step(params, state)
+    return np.asarray(jnp.argmax(xt @ params["w"] + params["b"], 1))
 
 
 def patches(model, params, examples: list[dict]) -> dict:
@@ -62,7 +77,7 @@ def patches(model, params, examples: list[dict]) -> dict:
 
 
 def probe_views(views: dict, names: tuple[str, ...]) -> dict:
-    """Ridge probes of the category, shape and colour per view ({'clip' | 'dino': (features
+    """Linear (softmax-regression) probes of the category, shape and colour per view ({'clip' | 'dino': (features
     `[N, p, p, D]`, labels `[N, p, p]`)}), fit on the first half of the views, scored on the rest,
     interior and edge object patches apart. Returns flat `{view}_{part}_{what}` accuracies and
     `{view}_{part}_patches` counts."""
@@ -78,7 +93,7 @@ def probe_views(views: dict, names: tuple[str, ...]) -> dict:
         x_test, y_test, inner_test = x[half:].reshape(-1, x.shape[-1]), y[half:].reshape(-1), inner[half:].reshape(-1)
         for what, of, classes in (("category", np.arange(len(names) + 1), len(names) + 1),
                                   ("shape", shape_of, len(synthetic.SHAPES) + 1), ("colour", colour_of, len(synthetic.COLOURS) + 1)):
-            predicted = ridge_probe(x_train, of[y_train], x_test, classes)
+            predicted = linear_probe(x_train, of[y_train], x_test, classes)
             for part, mask in (("interior", (y_test > 0) & inner_test), ("edge", (y_test > 0) & ~inner_test)):
                 acc = float(np.mean(predicted[mask] == of[y_test][mask])) if mask.any() else None
                 result[f"{view}_{part}_{what}"] = None if acc is None else round(acc, 3)
