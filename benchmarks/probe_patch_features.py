@@ -4,9 +4,9 @@ For the two-object grounding question the LLM must find the asked object's patch
 (README, "Demo status"). This probe runs a trained checkpoint's encoders (`evaluate.load_model`)
 on held-out scenes of its world, labels every CLIP global-view and DINOv2 tile patch with the
 object under its centre (`warmup.dense_example`, as the dense warm-up does), fits linear
-(softmax-regression) probes on half of the scenes' object patches for the category, the shape and the colour, and
-scores them on the other half, separately for interior patches (their four neighbours show the
-same object) and edge ones.
+(softmax-regression) probes for the category, the shape and the colour (background a class of
+each) on all patches of half of the views, and scores them on the other half's object patches,
+interior ones (their four neighbours show the same object) and edge ones apart.
 
   python benchmarks/probe_patch_features.py --checkpoint RUN/stage3 [--scenes 300]
 
