@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from data_pipelines import synthetic
+from data_pipelines import anyres, synthetic
 from ferret_jax import evaluate, warmup
 from ferret_jax.models.ferret import Ferret
 
@@ -91,13 +91,13 @@ def probe_views(views: dict, names: tuple[str, ...]) -> dict:
         inner = np.stack([interior(lab) for lab in labels]).reshape(len(labels), -1)
         x_train, y_train = x[:half].reshape(-1, x.shape[-1]), y[:half].reshape(-1)
         x_test, y_test, inner_test = x[half:].reshape(-1, x.shape[-1]), y[half:].reshape(-1), inner[half:].reshape(-1)
+        parts = {"interior": (y_test > 0) & inner_test, "edge": (y_test > 0) & ~inner_test}
+        result.update({f"{view}_{part}_patches": int(mask.sum()) for part, mask in parts.items()})
         for what, of, classes in (("category", np.arange(len(names) + 1), len(names) + 1),
                                   ("shape", shape_of, len(synthetic.SHAPES) + 1), ("colour", colour_of, len(synthetic.COLOURS) + 1)):
             predicted = linear_probe(x_train, of[y_train], x_test, classes)
-            for part, mask in (("interior", (y_test > 0) & inner_test), ("edge", (y_test > 0) & ~inner_test)):
-                acc = float(np.mean(predicted[mask] == of[y_test][mask])) if mask.any() else None
-                result[f"{view}_{part}_{what}"] = None if acc is None else round(acc, 3)
-                result[f"{view}_{part}_patches"] = int(mask.sum())
+            for part, mask in parts.items():
+                result[f"{view}_{part}_{what}"] = round(float(np.mean(predicted[mask] == of[y_test][mask])), 3) if mask.any() else None
         print(f"{view}: object patches {result[f'{view}_interior_patches']} interior, {result[f'{view}_edge_patches']} edge; "
               + "; ".join(f"{what} {result[f'{view}_interior_{what}']} / {result[f'{view}_edge_{what}']}"
                           for what in ("category", "shape", "colour")) + " (interior / edge)")
@@ -109,7 +109,7 @@ def held_out_examples(world: dict, config, scenes: int) -> tuple[list[dict], tup
     source = synthetic.SyntheticSource("val", scenes, SEED, **world)
     rng = np.random.default_rng(0)
     names = source.categories
-    return [warmup.dense_example(source[i]["scene"], names, config, world.get("grids"), 1, rng) for i in range(scenes)], names
+    return [warmup.dense_example(source[i]["scene"], names, config, world.get("grids", anyres.GRIDS), 1, rng) for i in range(scenes)], names
 
 
 def main() -> None:

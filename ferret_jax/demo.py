@@ -97,13 +97,13 @@ def _evaluate(workdir: str, out: str, records: int, log) -> dict:
             "referring_acc": referring["accuracy"], "eval_records": records}
 
 
-def _rate(value) -> str:
+def _shown(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
 def by_objects(scores: dict) -> str:
     """'0.400 / 0.070': grounding Acc@0.5 on scenes of 1, 2, ... objects."""
-    return " / ".join(_rate(v) for _, v in sorted(scores["grounding_acc50_by_objects"].items(), key=lambda kv: int(kv[0])))
+    return " / ".join(_shown(v) for _, v in sorted(scores["grounding_acc50_by_objects"].items(), key=lambda kv: int(kv[0])))
 
 
 def grounded_picture(workdir: str, path: str, world: dict, count: int = 8) -> None:
@@ -127,7 +127,7 @@ def table(results: dict) -> str:
              for key, name in (("warmup", "warm-up"), ("language_warmup", "llm warm-up"))]
     for stage in (1, 2, 3):
         r = results[f"stage{stage}"]
-        rows.append((str(stage), r["trains"], f"{r['grounding_acc50']:.3f}", by_objects(r), _rate(r["grounding_other_object_rate"]),
+        rows.append((str(stage), r["trains"], f"{r['grounding_acc50']:.3f}", by_objects(r), _shown(r["grounding_other_object_rate"]),
                      f"{r['referring_acc']:.3f}", f"{r['seconds']:.0f}"))
     rows.append(("baseline", "constant box / chance", f"{results['baseline_constant_box_acc50']:.3f}", "", "",
                  f"{results['chance_referring_acc']:.3f}", ""))
@@ -163,7 +163,7 @@ def run(out: str, quick: bool = False, log=print) -> dict:
         results[f"stage{stage}"] = {"trains": stage_trains(stage), "steps": config.total_steps,
                                     **scores, "seconds": time.time() - t0}
         log(f"[demo] stage {stage}: grounding Acc@0.5 {scores['grounding_acc50']:.3f} (scenes of 1 / 2 objects "
-            f"{by_objects(scores)}; another object boxed {_rate(scores['grounding_other_object_rate'])}), "
+            f"{by_objects(scores)}; another object boxed {_shown(scores['grounding_other_object_rate'])}), "
             f"referring acc {scores['referring_acc']:.3f} ({records} held-out images each)")
         init_from = workdir
     results["baseline_constant_box_acc50"] = constant_box_baseline(world, 8 if quick else FINAL_RECORDS)
