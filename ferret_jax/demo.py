@@ -38,28 +38,31 @@ def stage_trains(stage: int) -> str:
     return ", ".join(config_lib.DEMO_TRAINABLE[stage]).replace("/.*", "").replace(".*", "everything")
 
 
-def warm_up_backbones(size: str, out: str, steps: int | None = None, log=print) -> dict:
+def warm_up_backbones(size: str, out: str, steps: int | None = None, log=print, seed: int = 0) -> dict:
     """The warm-ups of a synthetic-world size (`demo`, `tiny`), the stand-ins for pretrained
     backbones: CLIP and DINOv2 on dense targets of the size's world, then the LLM on the world's
     stage-III conversations without images (`config_lib.DEMO_WARMUP`; `steps` overrides both step
-    counts). All three are written to `out` for stage 1's `init.pretrained`. Returns
-    `{'warmup': ..., 'language_warmup': ...}` metrics; a finished warm-up already in `out` is kept
-    (its saved metrics are returned)."""
+    counts; `seed` their inits, scenes and order). All three are written to `out` for stage 1's
+    `init.pretrained`. Returns `{'warmup': ..., 'language_warmup': ..., 'seed': seed}` metrics; a
+    finished warm-up of the same seed already in `out` is kept (its saved metrics are returned)."""
     if os.path.exists(os.path.join(out, CONFIGS_FILE)):
-        log(f"[warmup] {out} holds a finished warm-up; reusing it")
         with open(os.path.join(out, CONFIGS_FILE)) as f:
-            return json.load(f)["report"]
+            report = json.load(f)["report"]
+        if report.get("seed", 0) != seed:
+            raise ValueError(f"{out} holds the warm-up of seed {report.get('seed', 0)}, not {seed}: use another output directory")
+        log(f"[warmup] {out} holds a finished warm-up; reusing it")
+        return report
     stage3 = config_lib.stage_config(3, size)  # the model with both encoders, the world and format of every stage
     world = evaluate.synthetic_world({"config": {"data": stage3.data.to_dict()}})
     model_config = train.model_config(stage3)
     settings = {k: dict(v, **({} if steps is None else {"steps": steps})) for k, v in config_lib.DEMO_WARMUP.items()}
-    encoders, dense = warmup.warm_up(model_config, world, **settings["dense"],
+    encoders, dense = warmup.warm_up(model_config, world, **settings["dense"], seed=seed,
                                      log_every=max(1, settings["dense"]["steps"] // 6), log=log)
     tokenizer = text.Tokenizer(model_proto=train.load_tokenizer(stage3, out, model_config.llm.vocab_size))
-    llm, language = warmup.language_warm_up(model_config.llm, world, tokenizer, **settings["language"],
+    llm, language = warmup.language_warm_up(model_config.llm, world, tokenizer, **settings["language"], seed=seed,
                                             system_prompt=stage3.data.system_prompt,
                                             log_every=max(1, settings["language"]["steps"] // 4), log=log)
-    report = {"warmup": dense, "language_warmup": language}
+    report = {"warmup": dense, "language_warmup": language, "seed": seed}
     save_converted(out, {k: getattr(model_config, k) for k in ("clip", "dino", "sampler", "llm")},
                    {**encoders, **llm}, report=report)
     return report
@@ -135,18 +138,20 @@ def table(results: dict) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows)
 
 
-def run(out: str, quick: bool = False, log=print) -> dict:
-    """The whole demo; returns (and writes) the results."""
+def run(out: str, quick: bool = False, log=print, seed: int = 0) -> dict:
+    """The whole demo; returns (and writes) the results. `seed` sets the warm-ups' and every
+    stage's initialisation and data order (the held-out scenes stay the same)."""
     os.makedirs(out, exist_ok=True)
     start = time.time()
-    results: dict = {}
+    results: dict = {"seed": seed}
     backbones = os.path.join(out, "warmup")
     log(f"=== warm-ups: {WARMUP_TRAINS['warmup']}; then {WARMUP_TRAINS['language_warmup']} ===")
-    report = warm_up_backbones("demo", backbones, 3 if quick else None, log)
+    report = warm_up_backbones("demo", backbones, 3 if quick else None, log, seed)
     results |= {key: {"trains": trains, **report[key]} for key, trains in WARMUP_TRAINS.items()}
     init_from, world = "", None
     for stage in (1, 2, 3):
         config = config_lib.stage_config(stage, "demo")
+        config.seed = seed
         config.init.init_from = init_from
         config.init.pretrained = backbones if stage == 1 else ""
         config.tensorboard = False
@@ -180,13 +185,14 @@ def run(out: str, quick: bool = False, log=print) -> dict:
 def main() -> None:
     out = flags.DEFINE_string("out", "demo_out", "output directory")
     quick = flags.DEFINE_bool("quick", False, "a few steps per stage (a smoke test)")
+    seed = flags.DEFINE_integer("seed", 0, "initialisation and data order of the warm-ups and stages (another sample of the same config)")
 
     def _run(argv) -> None:
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments {argv[1:]}")
         if not flags.FLAGS["verbosity"].present:
             logging.set_verbosity(logging.WARNING)
-        run(out.value, quick.value)
+        run(out.value, quick.value, seed=seed.value)
 
     app.run(_run)
 

@@ -3,15 +3,19 @@ synthetic world, evaluation, the results file and the picture of grounded answer
 
 import json
 
+import pytest
 from PIL import Image
 
-from ferret_jax import demo
+from ferret_jax import demo, evaluate
 
 
 def test_quick_demo_runs_end_to_end(tmp_path):
-    results = demo.run(str(tmp_path), quick=True, log=lambda _: None)
+    results = demo.run(str(tmp_path), quick=True, log=lambda _: None, seed=1)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved.keys() == results.keys()
+    assert saved["seed"] == 1 and all(evaluate.source_meta(str(tmp_path / f"stage{s}"))["config"]["seed"] == 1 for s in (1, 2, 3))
+    with pytest.raises(ValueError, match="warm-up of seed 1, not 0"):  # another seed does not reuse it
+        demo.warm_up_backbones("demo", str(tmp_path / "warmup"), 3, lambda _: None, seed=0)
     for stage in (1, 2, 3):
         r = saved[f"stage{stage}"]
         assert 0 <= r["grounding_acc50"] <= 1 and 0 <= r["referring_acc"] <= 1 and r["seconds"] > 0
