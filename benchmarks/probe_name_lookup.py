@@ -32,6 +32,15 @@ writes a name's shape word and "[" as one token ("red", "circle [", ...), so the
 token opens the box. `--distinct shape` (or `colour-and-shape`) keeps two objects of a scene from
 sharing a shape (or either word); `--noise P` shows a random category in a share P of the object
 patches' features, as an imperfectly warmed encoder would.
+`--opener name` writes the whole name and "[" as one token ("red circle ["; the question keeps
+the two words), `--opener colour` the shape word, then the colour word and "[" as one token;
+`--distinct colour` keeps two objects from sharing a colour; `--features factored` shows a
+patch's colour and shape one-hot apart instead of its category, as the demo's patches tell the
+colour far better than the shape. `--ask colour` names only the colour in the question (the
+answer writes colour and shape: the shape word must come from the image). `--questions N` asks
+N questions about the same scene in turn (the first is scored). `--dense-text N` first trains N
+steps on a dense text lookup: `--dense-objects` named boxes written out, then the same again in
+another order, every box of the second list a lookup of its name in the first.
 
   python benchmarks/probe_name_lookup.py [--layers 3 --heads 4 --hidden 128 --steps 1800 --batch 8]
 
@@ -63,6 +72,9 @@ DIGIT0 = SHAPE0 + SHAPES
 CATEGORY0 = DIGIT0 + 10
 SHAPE_BRACKET0 = CATEGORY0 + CATEGORIES  # "<shape> [" as one token (`--opener shape`)
 VOCAB = 64
+NAME_BRACKET0 = SHAPE_BRACKET0 + SHAPES  # "<colour> <shape> [" as one token (`--opener name`)
+COLOUR_BRACKET0 = NAME_BRACKET0 + CATEGORIES  # "<colour> [" after the shape word (`--opener colour`)
+WIDE_VOCAB = 96  # the vocabulary of the two openers above (the others keep 64: the same init as before)
 FEATURES = 1 + CATEGORIES + 4 * 20  # background/category one-hot, then hundreds + tens per coordinate
 QUESTION = 11
 FIRST_DIGIT = QUESTION + 3  # token index of x1's hundreds digit; coordinate c's is 4 c later
@@ -94,6 +106,8 @@ def same(a: int, b: int, distinct: str) -> bool:
         return a == b
     if distinct == "shape":
         return a % SHAPES == b % SHAPES
+    if distinct == "colour":
+        return a // SHAPES == b // SHAPES
     return a // SHAPES == b // SHAPES or a % SHAPES == b % SHAPES
 
 
@@ -103,6 +117,10 @@ def name_tokens(category: int, query: str, opener: str = "default") -> tuple[lis
     name = [CATEGORY0 + category] if query.startswith("category") else [COLOUR0 + category // SHAPES, SHAPE0 + category % SHAPES]
     if opener == "shape":  # the shape word and "[" are one token: the name's last token opens the box
         return name[:-1], SHAPE_BRACKET0 + category % SHAPES
+    if opener == "name":  # the whole name and "[" are one token
+        return [], NAME_BRACKET0 + category
+    if opener == "colour":  # the shape word, then the colour word and "[" as one token
+        return name[1:], COLOUR_BRACKET0 + category // SHAPES
     if opener == "bracket" or (opener == "default" and not query.startswith("category")):
         return name, WORDS.index("[")
     return name, CATEGORY0 + category
@@ -143,7 +161,11 @@ def example(rng: np.random.Generator, args) -> dict:
         shown = np.full((h, w), category)
         if args.noise:  # drawn only then, so runs without it see the scenes they always did
             shown = np.where(rng.uniform(size=(h, w)) < args.noise, rng.integers(CATEGORIES, size=(h, w)), category)
-        np.put_along_axis(cell, 1 + shown[..., None], 1, axis=-1)
+        if args.features == "factored":  # colour and shape one-hot apart, in the category slots
+            np.put_along_axis(cell, 1 + (shown // SHAPES)[..., None], 1, axis=-1)
+            np.put_along_axis(cell, 1 + COLOURS + (shown % SHAPES)[..., None], 1, axis=-1)
+        else:
+            np.put_along_axis(cell, 1 + shown[..., None], 1, axis=-1)
         for i, v in enumerate(box):
             cell[..., 1 + CATEGORIES + 20 * i + v // 100] = 1
             cell[..., 1 + CATEGORIES + 20 * i + 10 + (v // 10) % 10] = 1
@@ -158,20 +180,48 @@ def example(rng: np.random.Generator, args) -> dict:
         name, opener = name_tokens(category, args.query, args.opener)
         prefix += [0] * (2 - len(name)) + name + [opener] + box_tokens(box)
     prefix += [0] * (TEXT_PREFIX - len(prefix))
-    k = int(rng.integers(len(objects)))
-    name, opener = name_tokens(objects[k][0], args.query, args.opener)
-    question = [1, 2, 3, 4, 5] + name_tokens(objects[k][0], args.query)[0] + [6, 3, 7, 8]
-    question = question + [0] * (QUESTION - len(question))  # one name token: pad to the same layout
-    answer = [0] * (2 - len(name)) + name + [opener] + box_tokens(boxes[k]) + [WORDS.index("<eos>")]
-    tokens = question + answer
-    weights = np.array([0.0] * QUESTION + [1.0] * len(answer), np.float32)
-    weights[QUESTION : QUESTION + 2 - len(name)] = 0  # the padding before a one-token name
+    tokens, weights = [], []
+    # --questions: more question-answer turns about randomly chosen objects of the same scene
+    # follow the first (the one scored), each a choice of its own
+    for turn in range(args.questions):
+        k = int(rng.integers(len(objects)))
+        if turn == 0:
+            first = k
+        name, opener = name_tokens(objects[k][0], args.query, args.opener)
+        asked = name_tokens(objects[k][0], args.query)[0]
+        if args.ask == "colour":  # the question names the colour alone; the answer's shape word comes from the image
+            asked = asked[:1]
+        question = [1, 2, 3, 4, 5] + asked + [6, 3, 7, 8]
+        question = question + [0] * (QUESTION - len(question))  # one name token: pad to the same layout
+        answer = [0] * (2 - len(name)) + name + [opener] + box_tokens(boxes[k]) + [WORDS.index("<eos>")]
+        w = [0.0] * QUESTION + [1.0] * len(answer)
+        w[QUESTION : QUESTION + 2 - len(name)] = [0.0] * (2 - len(name))  # the padding before a one-token name
+        tokens += question + answer
+        weights += w
+    k = first
+    weights = np.array(weights, np.float32)
     if args.loss == "x1":
         weights = x1_only(weights)
     else:
         weights[[FIRST_DIGIT + o for o in (0, 1, 2, 4, 5, 6)]] *= args.first_weight
     return dict(features=features.reshape(-1, FEATURES), patch_ids=patch_ids.reshape(-1, 2), prefix=np.array(prefix, np.int32),
                 tokens=np.array(tokens, np.int32), weights=weights, box=boxes[k], other=boxes[1 - k] if len(objects) == 2 else None)
+
+
+def dense_text_batch(rng: np.random.Generator, n: int, k: int) -> dict:
+    """`--dense-text K`: K objects of different names written out with random boxes ("<name> [box]"
+    each, the prefix), then the same K again in another order (the tokens, all in the loss): every
+    box of the second list is a lookup of its name in the first, K choices per sequence."""
+    prefix, tokens = [], []
+    for _ in range(n):
+        categories = rng.choice(CATEGORIES, k, replace=False)
+        boxes = [sorted(rng.integers(0, 1000, 2)) + sorted(rng.integers(0, 1000, 2)) for _ in range(k)]
+        boxes = [[b[0], b[2], b[1], b[3]] for b in boxes]  # x1 <= x2, y1 <= y2
+        written = [name_tokens(int(c), "name")[0] + [WORDS.index("[")] + box_tokens(b) for c, b in zip(categories, boxes)]
+        prefix.append(sum(written, []))
+        tokens.append(sum((written[i] for i in rng.permutation(k)), []))
+    tokens = np.array(tokens, np.int32)
+    return {"prefix": np.array(prefix, np.int32), "tokens": tokens, "weights": np.ones(tokens.shape, np.float32)}
 
 
 def batch(rng: np.random.Generator, n: int, args, x1_rng: np.random.Generator | None = None) -> tuple[dict, list[dict]]:
@@ -214,27 +264,36 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--loss", choices=("answer", "x1"), default="answer")
     p.add_argument("--query", choices=("name", "name-tied", "category", "category-untied"), default="name")
-    p.add_argument("--distinct", choices=("name", "shape", "colour-and-shape"), default="name",
+    p.add_argument("--distinct", choices=("name", "shape", "colour", "colour-and-shape"), default="name",
                    help="what two objects of a scene never share")
-    p.add_argument("--opener", choices=("default", "bracket", "shape"), default="default",
+    p.add_argument("--opener", choices=("default", "bracket", "shape", "name", "colour"), default="default",
                    help="the token before x1 (it writes x1's first digit): the category token for a category query "
-                        "and '[' for a name (default), always '[' (bracket), or '<shape> [' as one token (shape)")
+                        "and '[' for a name (default), always '[' (bracket), '<shape> [' as one token (shape), "
+                        "'<colour> <shape> [' as one token (name), or the shape word then '<colour> [' (colour)")
+    p.add_argument("--features", choices=("category", "factored"), default="category",
+                   help="a patch shows its object's category one-hot, or its colour and its shape one-hot apart")
     p.add_argument("--noise", type=float, default=0.0, help="share of object patches whose category feature is random")
     p.add_argument("--first-weight", type=float, default=1.0)
     p.add_argument("--x1-share", type=float, default=0.0,
                    help="share of the two-object training scenes whose loss is x1's hundreds digit alone")
     p.add_argument("--text-warmup", type=int, default=0,
                    help="steps on the text stand-in (names and boxes written out) before --steps on the features")
+    p.add_argument("--dense-text", type=int, default=0, metavar="STEPS",
+                   help="steps of the dense text lookup (--dense-objects objects listed twice) before --steps on the features")
+    p.add_argument("--dense-objects", type=int, default=4)
     p.add_argument("--curriculum", type=int, default=0,
                    help="steps with --query category-untied --loss x1 before --steps in the given setting")
+    p.add_argument("--ask", choices=("name", "colour"), default="name",
+                   help="what the question names: the whole name, or (colour) its colour word alone")
+    p.add_argument("--questions", type=int, default=1, help="question-answer turns per scene (the first is scored)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    if args.opener == "shape" and args.query != "name":
-        p.error("--opener shape splits a two-word name: use it with --query name")
+    if args.opener in ("shape", "name", "colour") and args.query != "name":
+        p.error(f"--opener {args.opener} rewrites a two-word name: use it with --query name")
 
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
+    config = LlamaConfig(vocab_size=WIDE_VOCAB if args.opener in ("name", "colour") else VOCAB, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
                          num_layers=args.layers, num_heads=args.heads, num_kv_heads=args.heads,
-                         max_position_embeddings=128, scan_unroll=args.layers)
+                         max_position_embeddings=max(128, 40 + 32 * args.questions, 40 * args.dense_objects), scan_unroll=args.layers)
     model = Probe(config)
     rng = np.random.default_rng(args.seed)
     x1_rng = np.random.default_rng(args.seed + 1)
@@ -287,6 +346,24 @@ def main() -> None:
     phases = [("text ", True, args.text_warmup, args), ("curriculum ", False, args.curriculum, curriculum),
               ("", False, args.steps, args)]
     earlier = {}
+    if args.dense_text:
+        opt = optimizer(args.dense_text)
+        opt_state = opt.init(params)
+        x1_at = [19 * i + 3 for i in range(args.dense_objects)]  # x1's hundreds digit of each listed box
+        for i in range(1, args.dense_text + 1):
+            b = dense_text_batch(rng, args.batch, args.dense_objects)
+            params, opt_state, loss = step(params, opt_state, b, True, opt)
+            if i % max(1, args.dense_text // 6) == 0 or i == args.dense_text:
+                h = dense_text_batch(np.random.default_rng(20_000), 256, args.dense_objects)
+                pred = np.asarray(predict(params, h, True))
+                digits = h["tokens"][:, x1_at]
+                right = float((pred[:, [j - 1 for j in x1_at]] == digits).mean())
+                # a box of the list copied at random: right as often as the list shares the digit
+                at_random = float((digits[:, :, None] == digits[:, None, :]).mean())
+                print(f"dense text step {i}/{args.dense_text} loss {float(loss):.3f} | x1 hundreds digit right {right:.2f} "
+                      f"(a listed box at random: {at_random:.2f}) | {time.time() - start:.0f}s", flush=True)
+        earlier["dense_text_x1_right"] = right
+        earlier["dense_text_x1_at_random"] = at_random
     for label, text, steps, phase_args in phases:
         if not steps:
             continue
