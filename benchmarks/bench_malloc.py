@@ -8,7 +8,10 @@ The tunable is read at process start, so each setting runs in its own child proc
 III `demo` step of `train_step.FerretStep`), alternating between the settings each round. The
 last output line is one JSON object with `speedup` (median step time without / with).
 
-  python benchmarks/bench_malloc.py [--rounds 3] [--steps 20]
+With `--idle S` each timed step follows S seconds asleep, as the interleaved repeats of
+`bench_train.py` do; steps over 1.5x the median are counted with their system CPU time.
+
+  python benchmarks/bench_malloc.py [--rounds 3] [--steps 20] [--idle 0.5]
 """
 
 from __future__ import annotations
@@ -26,28 +29,36 @@ import time
 SETTINGS = {"default": None, "hugetlb": "glibc.malloc.hugetlb=1"}
 
 
-def child(steps: int) -> None:
-    """Times `steps` demo stage-III steps after 3 untimed ones; prints one JSON line."""
+def child(steps: int, idle: float) -> None:
+    """Times `steps` demo stage-III steps after 3 untimed ones, each after `idle` seconds asleep;
+    prints one JSON line: means per step, and the slow steps (over 1.5x the median) with the
+    system CPU time they took."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
     from train_step import FerretStep, demo_inputs
 
     step = FerretStep(*demo_inputs())
     for _ in range(3):
         step()
-    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    rows = []
     for _ in range(steps):
+        time.sleep(idle)
+        r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         step()
-    t1, r1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
-    print(json.dumps({"step_s": (t1 - t0) / steps, "page_faults": (r1.ru_minflt - r0.ru_minflt) / steps,
-                      "user_s": (r1.ru_utime - r0.ru_utime) / steps, "sys_s": (r1.ru_stime - r0.ru_stime) / steps}))
+        t1, r1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+        rows.append((t1 - t0, r1.ru_minflt - r0.ru_minflt, r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime))
+    median = statistics.median(r[0] for r in rows)
+    slow = [r for r in rows if r[0] > 1.5 * median]
+    print(json.dumps({"step_s": statistics.mean(r[0] for r in rows), "page_faults": statistics.mean(r[1] for r in rows),
+                      "user_s": statistics.mean(r[2] for r in rows), "sys_s": statistics.mean(r[3] for r in rows),
+                      "slow_steps": len(slow), "slow_sys_s": statistics.mean(r[3] for r in slow) if slow else 0.0}))
 
 
-def run_child(setting: str | None, steps: int) -> dict:
+def run_child(setting: str | None, steps: int, idle: float) -> dict:
     env = dict(os.environ)
     env.pop("GLIBC_TUNABLES", None)
     if setting:
         env["GLIBC_TUNABLES"] = setting
-    out = subprocess.run([sys.executable, __file__, "--child", str(steps)], env=env, check=True,
+    out = subprocess.run([sys.executable, __file__, "--child", str(steps), "--idle", str(idle)], env=env, check=True,
                          capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -56,10 +67,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--idle", type=float, default=0.0, help="seconds asleep before each timed step")
     parser.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        return child(args.child)
+        return child(args.child, args.idle)
 
     thp = "/sys/kernel/mm/transparent_hugepage/enabled"
     thp_mode = open(thp).read().strip() if os.path.exists(thp) else "n/a"
@@ -67,18 +79,19 @@ def main() -> None:
     runs: dict[str, list[dict]] = {k: [] for k in SETTINGS}
     for r in range(args.rounds):
         for name, setting in SETTINGS.items():
-            m = run_child(setting, args.steps)
+            m = run_child(setting, args.steps, args.idle)
             runs[name].append(m)
             print(f"round {r + 1} {name:8s} {m['step_s'] * 1e3:7.1f} ms/step  {m['page_faults']:8.0f} page faults/step  "
-                  f"user {m['user_s'] * 1e3:6.1f} ms  sys {m['sys_s'] * 1e3:6.1f} ms", flush=True)
-    med = {k: {f: statistics.median(m[f] for m in v) for f in ("step_s", "page_faults", "user_s", "sys_s")}
+                  f"user {m['user_s'] * 1e3:6.1f} ms  sys {m['sys_s'] * 1e3:6.1f} ms  | {m['slow_steps']} slow steps "
+                  f"(sys {m['slow_sys_s'] * 1e3:.0f} ms each)", flush=True)
+    med = {k: {f: statistics.median(m[f] for m in v) for f in ("step_s", "page_faults", "user_s", "sys_s", "slow_steps")}
            for k, v in runs.items()}
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.libc_ver()[0]} {platform.libc_ver()[1]}, "
                          f"THP {thp_mode}",
               "load_avg_1min_at_start": round(load, 2), "load_avg_1min_at_end": round(os.getloadavg()[0], 2),
               **{f"{k}_{f}": round(v, 4) for k, m in med.items() for f, v in m.items()},
               "speedup": round(med["default"]["step_s"] / med["hugetlb"]["step_s"], 3),
-              "rounds": args.rounds, "steps": args.steps}
+              "rounds": args.rounds, "steps": args.steps, "idle_s": args.idle}
     print(f"median step: default {med['default']['step_s'] * 1e3:.1f} ms, hugetlb {med['hugetlb']['step_s'] * 1e3:.1f} ms "
           f"(speedup {result['speedup']:.2f})")
     print(json.dumps(result))
