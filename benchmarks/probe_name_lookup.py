@@ -78,7 +78,8 @@ WIDE_VOCAB = 96  # the vocabulary of the two openers above (the others keep 64: 
 FEATURES = 1 + CATEGORIES + 4 * 20  # background/category one-hot, then hundreds + tens per coordinate
 QUESTION = 11
 FIRST_DIGIT = QUESTION + 3  # token index of x1's hundreds digit; coordinate c's is 4 c later
-TEXT_PREFIX = 2 * 19  # two objects written as "<name> [ d d d , d d d , d d d , d d d ]"
+ENTRY = 19  # one object written out: "<colour> <shape> [ d d d , d d d , d d d , d d d ]"
+TEXT_PREFIX = 2 * ENTRY  # two objects written out
 
 
 def place_objects(rng: np.random.Generator, distinct: str = "name") -> list[tuple[int, tuple[int, int, int, int]]]:
@@ -291,9 +292,11 @@ def main() -> None:
     if args.opener in ("shape", "name", "colour") and args.query != "name":
         p.error(f"--opener {args.opener} rewrites a two-word name: use it with --query name")
 
-    config = LlamaConfig(vocab_size=WIDE_VOCAB if args.opener in ("name", "colour") else VOCAB, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
+    vocab = WIDE_VOCAB if args.opener in ("name", "colour") else VOCAB
+    positions = max(128, 40 + 32 * args.questions, 2 * ENTRY * args.dense_objects)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
                          num_layers=args.layers, num_heads=args.heads, num_kv_heads=args.heads,
-                         max_position_embeddings=max(128, 40 + 32 * args.questions, 40 * args.dense_objects), scan_unroll=args.layers)
+                         max_position_embeddings=positions, scan_unroll=args.layers)
     model = Probe(config)
     rng = np.random.default_rng(args.seed)
     x1_rng = np.random.default_rng(args.seed + 1)
@@ -349,7 +352,7 @@ def main() -> None:
     if args.dense_text:
         opt = optimizer(args.dense_text)
         opt_state = opt.init(params)
-        x1_at = [19 * i + 3 for i in range(args.dense_objects)]  # x1's hundreds digit of each listed box
+        x1_at = [ENTRY * i + 3 for i in range(args.dense_objects)]  # x1's hundreds digit of each listed box
         for i in range(1, args.dense_text + 1):
             b = dense_text_batch(rng, args.batch, args.dense_objects)
             params, opt_state, loss = step(params, opt_state, b, True, opt)
