@@ -184,10 +184,8 @@ def example(rng: np.random.Generator, args) -> dict:
     tokens, weights = [], []
     # --questions: more question-answer turns about randomly chosen objects of the same scene
     # follow the first (the one scored), each a choice of its own
-    for turn in range(args.questions):
-        k = int(rng.integers(len(objects)))
-        if turn == 0:
-            first = k
+    turns = [int(rng.integers(len(objects))) for _ in range(args.questions)]
+    for k in turns:
         name, opener = name_tokens(objects[k][0], args.query, args.opener)
         asked = name_tokens(objects[k][0], args.query)[0]
         if args.ask == "colour":  # the question names the colour alone; the answer's shape word comes from the image
@@ -199,7 +197,7 @@ def example(rng: np.random.Generator, args) -> dict:
         w[QUESTION : QUESTION + 2 - len(name)] = [0.0] * (2 - len(name))  # the padding before a one-token name
         tokens += question + answer
         weights += w
-    k = first
+    k = turns[0]
     weights = np.array(weights, np.float32)
     if args.loss == "x1":
         weights = x1_only(weights)

@@ -48,8 +48,9 @@ def warm_up_backbones(size: str, out: str, steps: int | None = None, log=print, 
     if os.path.exists(os.path.join(out, CONFIGS_FILE)):
         with open(os.path.join(out, CONFIGS_FILE)) as f:
             report = json.load(f)["report"]
-        if report.get("seed", 0) != seed:
-            raise ValueError(f"{out} holds the warm-up of seed {report.get('seed', 0)}, not {seed}: use another output directory")
+        saved_seed = report.get("seed", 0)  # warm-ups saved before the seed was recorded had seed 0
+        if saved_seed != seed:
+            raise ValueError(f"{out} holds the warm-up of seed {saved_seed}, not {seed}: use another output directory")
         log(f"[warmup] {out} holds a finished warm-up; reusing it")
         return report
     stage3 = config_lib.stage_config(3, size)  # the model with both encoders, the world and format of every stage
