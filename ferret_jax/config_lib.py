@@ -285,6 +285,10 @@ def stage_config(stage: int, arg: str | None = None):
         "resume": "",  # another run's workdir: state + data position, as if it were ours
         "init_from": "",  # a previous stage's workdir (or export dir): its params; new subtrees keep their init
         "pretrained": "",  # `python -m ferret_jax.convert` output: CLIP, DINOv2 and LLM weights
+        # Stage II from a stage-I run: proj_local starts as a copy of proj_global (DESIGN §7). The
+        # demo's warm-up starts proj_local from DINOv2's dense head (`warmup.projector_from_head`),
+        # which stage I, training proj_global only, hands over as it is.
+        "copy_global_projector": size != "demo",
     })
     c.tensorboard = True
     return c

@@ -25,13 +25,16 @@ from absl import app, flags, logging
 from data_pipelines import synthetic, text
 from ferret_jax import config_lib, draw, evaluate, train, warmup
 from ferret_jax.convert import CONFIGS_FILE, save_converted
+from ferret_jax.models.ferret import ProjectorConfig
 
 FINAL_RECORDS = 200  # held-out images per task after stage 3
 STAGE_RECORDS = 64  # after stages 1 and 2 (progress only)
 
 
-WARMUP_TRAINS = {"warmup": "clip, dino, sampler (dense patch categories and box digits, region categories)",
-                 "language_warmup": "llm (stage-III answers and stage-I captions as text: no images, coordinates scrambled)"}
+WARMUP_TRAINS = {"warmup": "clip, dino, sampler (dense patch categories and box digits, region categories); "
+                           "proj_global, proj_local start from the heads' box digits",
+                 "language_warmup": "llm (stage-III answers and stage-I captions as text: no images, coordinates scrambled; "
+                                    "the warmed sampler's features in the referring questions' region slots)"}
 
 
 def stage_trains(stage: int) -> str:
@@ -57,15 +60,20 @@ def warm_up_backbones(size: str, out: str, steps: int | None = None, log=print, 
     world = evaluate.synthetic_world({"config": {"data": stage3.data.to_dict()}})
     model_config = train.model_config(stage3)
     settings = {k: dict(v, **({} if steps is None else {"steps": steps})) for k, v in config_lib.DEMO_WARMUP.items()}
-    encoders, dense = warmup.warm_up(model_config, world, **settings["dense"], seed=seed,
-                                     log_every=max(1, settings["dense"]["steps"] // 6), log=log)
+    encoders, dense, region_bank = warmup.warm_up(model_config, world, **settings["dense"], seed=seed,
+                                                  log_every=max(1, settings["dense"]["steps"] // 6), log=log)
     tokenizer = text.Tokenizer(model_proto=train.load_tokenizer(stage3, out, model_config.llm.vocab_size))
     llm, language = warmup.language_warm_up(model_config.llm, world, tokenizer, **settings["language"], seed=seed,
+                                            region_bank=region_bank,
                                             system_prompt=stage3.data.system_prompt,
                                             log_every=max(1, settings["language"]["steps"] // 4), log=log)
     report = {"warmup": dense, "language_warmup": language, "seed": seed}
-    save_converted(out, {k: getattr(model_config, k) for k in ("clip", "dino", "sampler", "llm")},
-                   {**encoders, **llm}, report=report)
+    configs = {k: getattr(model_config, k) for k in ("clip", "dino", "sampler", "llm")}
+    width = model_config.llm.hidden_size
+    projectors = {"proj_global": ProjectorConfig(model_config.clip.hidden_size, width),
+                  "proj_local": ProjectorConfig(model_config.dino.hidden_size, width)}
+    configs |= {k: v for k, v in projectors.items() if k in encoders}
+    save_converted(out, configs, {**encoders, **llm}, report=report)
     return report
 
 
@@ -90,11 +98,11 @@ def constant_box_baseline(world: dict, num_records: int) -> float:
 EVAL_BATCH, MAX_NEW_TOKENS = 16, 32
 
 
-def _evaluate(workdir: str, out: str, records: int, log) -> dict:
-    grounding = evaluate.evaluate("synthetic_grounding", workdir, os.path.join(out, "grounding"), num_records=records,
-                                  batch_size=EVAL_BATCH, max_new_tokens=MAX_NEW_TOKENS, log=lambda _: None)
-    referring = evaluate.evaluate("synthetic_referring", workdir, os.path.join(out, "referring"), num_records=records,
-                                  batch_size=EVAL_BATCH, max_new_tokens=MAX_NEW_TOKENS, log=lambda _: None)
+def _evaluate(workdir: str, out: str, records: int, max_length: int) -> dict:
+    options = dict(num_records=records, batch_size=EVAL_BATCH, max_new_tokens=MAX_NEW_TOKENS, max_length=max_length,
+                   log=lambda _: None)
+    grounding = evaluate.evaluate("synthetic_grounding", workdir, os.path.join(out, "grounding"), **options)
+    referring = evaluate.evaluate("synthetic_referring", workdir, os.path.join(out, "referring"), **options)
     return {"grounding_acc50": grounding["acc50"], "grounding_mean_iou": grounding["mean_iou"],
             "grounding_acc50_by_objects": grounding["acc50_by_objects"],
             "grounding_other_object_rate": grounding["other_object_rate"],
@@ -150,6 +158,9 @@ def run(out: str, quick: bool = False, log=print, seed: int = 0) -> dict:
     report = warm_up_backbones("demo", backbones, 3 if quick else None, log, seed)
     results |= {key: {"trains": trains, **report[key]} for key, trains in WARMUP_TRAINS.items()}
     init_from, world = "", None
+    # Every stage is evaluated on prompts of stage III's length: stage I trains on 80-token captions,
+    # shorter than a referring prompt with its image.
+    eval_length = config_lib.stage_config(3, "demo").data.max_length
     for stage in (1, 2, 3):
         config = config_lib.stage_config(stage, "demo")
         config.seed = seed
@@ -165,7 +176,7 @@ def run(out: str, quick: bool = False, log=print, seed: int = 0) -> dict:
         t0 = time.time()
         train.train(config, workdir)
         records = 8 if quick else (FINAL_RECORDS if stage == 3 else STAGE_RECORDS)
-        scores = _evaluate(workdir, os.path.join(out, f"eval_stage{stage}"), records, log)
+        scores = _evaluate(workdir, os.path.join(out, f"eval_stage{stage}"), records, eval_length)
         results[f"stage{stage}"] = {"trains": stage_trains(stage), "steps": config.total_steps,
                                     **scores, "seconds": time.time() - t0}
         log(f"[demo] stage {stage}: grounding Acc@0.5 {scores['grounding_acc50']:.3f} (scenes of 1 / 2 objects "

@@ -338,13 +338,14 @@ def _abstract(tree, shardings):
 
 def _initial_params(config, abstract_params, shardings, init_fn, log) -> tuple[Any, str]:
     """Params for a fresh run (DESIGN §9 order after the workdir and `resume`): `init_from` (all
-    six subtrees) -> `pretrained` (the subtrees the directory holds, of clip, dino, llm and the demo
-    warm-up's sampler; the rest keep their random init) -> random init. `init_fn(names)` returns
-    the random init of the top-level subtrees `names`."""
+    six subtrees; stage II from stage I copies proj_global to proj_local unless
+    `init.copy_global_projector` is off) -> `pretrained` (the subtrees the directory holds, of clip,
+    dino, llm and the demo warm-up's sampler and projectors; the rest keep their random init) ->
+    random init. `init_fn(names)` returns the random init of the top-level subtrees `names`."""
     target = _abstract(abstract_params, shardings)
     if config.init.init_from:
         params, meta = checkpoint.load_params(config.init.init_from, target)
-        if meta.get("stage") == 1 and config.stage == 2:
+        if meta.get("stage") == 1 and config.stage == 2 and config.init.copy_global_projector:
             params = jax.jit(copy_global_projector, out_shardings=shardings)(params)
             log("[init] proj_local <- proj_global (stage I -> II)")
         return params, f"init_from {config.init.init_from} (stage {meta.get('stage')}, step {meta.get('step')})"

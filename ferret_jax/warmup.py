@@ -9,9 +9,13 @@ quantized like Pix2Seq: the first two digits of each 0-999 coordinate as 10-way 
 sampler learns alongside, on the encoders' raw features, to tell each object's category from a
 point, box or free-form region on it: trained only through the LLM in the stages, its region
 features had not encoded the shape at all (a linear probe read it at chance after stage III).
-The heads are thrown away; CLIP, DINOv2 and the sampler are written in the
-`python -m ferret_jax.convert` layout (with the warmed LLM, by `demo.warm_up_backbones`), so a
-stage config picks them up with `init.pretrained=DIR`.
+The dense heads' box-digit halves become the first layers of the projectors
+(`projector_from_head`): each projector's GELU then starts on its encoder's box-digit logits, a
+sparse code of where the patch's object is, instead of on a random mix of its features (the
+category logits stay out: with them too, the stage-III models stopped reading the referred
+region's feature; README, Demo status). CLIP, DINOv2, the sampler and the two
+projectors are written in the `python -m ferret_jax.convert` layout (with the warmed LLM, by
+`demo.warm_up_backbones`), so a stage config picks them up with `init.pretrained=DIR`.
 
 Targets come from the same any-res preprocessing the training batches use, so a patch's label is
 the object it really shows in that view.
@@ -19,7 +23,9 @@ the object it really shows in that view.
 Language warm-up (`language_warm_up`), the stand-in for the pretrained LLM: the LLM alone learns
 the answers of the world's stage-III conversations and stage-I captions from their text (no
 image, coordinates scrambled): the answer formats, and to take the object's name from the
-question, which the random LLM otherwise did not learn within the demo's stages.
+question, which the random LLM otherwise did not learn within the demo's stages. The referring
+questions' region slots carry real region features of the warmed sampler (`region_feature_bank`),
+so the LLM also comes to the stages reading the referred object's category from its region.
 """
 
 from __future__ import annotations
@@ -43,10 +49,11 @@ from data_pipelines.example import ExampleError
 from ferret_jax import losses, train
 from ferret_jax.models.clip import ClipVision
 from ferret_jax.models.dinov2 import Dinov2
-from ferret_jax.models.ferret import FerretConfig, region_point_features
+from ferret_jax.models.ferret import FerretConfig, Projector, region_point_features
 from ferret_jax.models.llama import Llama, LlamaConfig
 from ferret_jax.models.sampler import Sampler
 
+MAX_TEXT_REGIONS = 4  # `<region_fea>` slots per language warm-up conversation that can carry a feature
 DIGITS = 2  # leading digits of each 0-999 coordinate predicted per patch (hundreds, tens)
 
 
@@ -140,7 +147,7 @@ class DenseHeads(nn.Module):
     linear heads on a batch of `dense_example`s: `[B, g, g, K + 40 * DIGITS]` for the global view,
     `[B, T, t, t, K + 40 * DIGITS]` for the tiles (K label logits, then 10 logits per digit of each
     coordinate) and `[B, R, K]` for the referred regions (the sampler on the encoders' raw features,
-    as Ferret's `sampler_input='raw'`)."""
+    as Ferret's `sampler_input='raw'`); last, the region features themselves `[B, R, D]`."""
 
     config: FerretConfig
     num_labels: int  # categories + background
@@ -161,7 +168,7 @@ class DenseHeads(nn.Module):
         head = lambda name, n: nn.Dense(n, dtype=jnp.float32, name=name)  # noqa: E731
         dense = self.num_labels + 40 * DIGITS
         return (head("clip_head", dense)(f_g.astype(jnp.float32)), head("dino_head", dense)(f_l.astype(jnp.float32)),
-                head("region_head", self.num_labels)(region_feats.astype(jnp.float32)))
+                head("region_head", self.num_labels)(region_feats.astype(jnp.float32)), region_feats)
 
 
 def _view_loss(out: jax.Array, label: jax.Array, box: jax.Array, weight: jax.Array, num_labels: int) -> tuple[jax.Array, dict]:
@@ -185,7 +192,7 @@ def _view_loss(out: jax.Array, label: jax.Array, box: jax.Array, weight: jax.Arr
 def dense_loss(params, batch: dict, model: DenseHeads) -> tuple[jax.Array, dict]:
     """Mean of the CLIP and DINOv2 view losses of a batch of `dense_example`s, plus the
     cross-entropy of the referred regions' categories."""
-    out_g, out_l, out_r = model.apply({"params": params}, batch)
+    out_g, out_l, out_r, _ = model.apply({"params": params}, batch)
     labels = model.num_labels
     loss_g, m_g = _view_loss(out_g, batch["global_label"], batch["global_box"], jnp.ones(batch["global_label"].shape), labels)
     tile_weight = jnp.broadcast_to(batch["tile_valid"][..., None, None], batch["tile_label"].shape).astype(jnp.float32)
@@ -248,9 +255,12 @@ def adamw_fit(
 def warm_up(
     config: FerretConfig, world: dict, *, steps: int, batch_size: int, lr: float, seed: int = 0,
     log_every: int = 50, log: Callable[[str], None] = print,
-) -> tuple[dict, dict]:
+) -> tuple[dict, dict, np.ndarray]:
     """Trains CLIP + DINOv2 with dense heads and the sampler with a region head for `steps` steps.
-    Returns (`{'clip', 'dino', 'sampler'}` params for `save_converted`, the `adamw_fit` metrics)."""
+    Returns (`{'clip', 'dino', 'sampler', 'proj_global', 'proj_local'}` params for
+    `save_converted`, the projectors started from the dense heads' box-digit logits, left out when
+    those are more than the LLM's width; the `adamw_fit` metrics and `projectors_from_heads`; the
+    warmed sampler's `region_feature_bank` for `language_warm_up`)."""
     num_labels = 1 + len(synthetic.category_names(world.get("name_sizes", True)))
     model = DenseHeads(config, num_labels)
     init = lambda k, b: model.init(k, jax.tree.map(lambda x: x[:1], b))["params"]  # noqa: E731
@@ -260,7 +270,59 @@ def warm_up(
     batches = iter(dense_dataset(world, config, batch_size, seed))
     params, result = adamw_fit(functools.partial(dense_loss, model=model), init, batches,
                                steps=steps, lr=lr, seed=seed, tag="warmup", describe=describe, log_every=log_every, log=log)
-    return {k: jax.device_get(params[k]) for k in ("clip", "dino", "sampler")}, result
+    groups = (10,) * (4 * DIGITS)  # the heads' box-digit logits, after the num_labels category logits
+    projectors = {}
+    if sum(groups) <= config.llm.hidden_size:
+        key = jax.random.key(seed + 7)  # the projectors' random part: a key apart from the warm-up's init (seed)
+        digit_head = lambda h: {"kernel": h["kernel"][:, num_labels:], "bias": h["bias"][num_labels:]}  # noqa: E731
+        projectors = {name: projector_from_head(digit_head(params[head]), groups, config.llm.hidden_size, key)
+                      for name, head in (("proj_global", "clip_head"), ("proj_local", "dino_head"))}
+    else:
+        log(f"[warmup] the dense heads' {sum(groups)} digit logits do not fit the LLM width {config.llm.hidden_size}: "
+            "the projectors keep their random init")
+    result["projectors_from_heads"] = bool(projectors)
+    bank = region_feature_bank(params, model, dense_dataset(world, config, batch_size, seed + 11), num_labels)
+    log(f"[warmup] region feature bank: {int((np.abs(bank).sum((1, 2)) > 0).sum())} of {num_labels - 1} categories")
+    return jax.device_get({**{k: params[k] for k in ("clip", "dino", "sampler")}, **projectors}), result, bank
+
+
+def region_feature_bank(params: dict, model: DenseHeads, batches: Iterator[dict], num_labels: int,
+                        num_batches: int = 20, per_category: int = 16) -> np.ndarray:
+    """`[num_labels, per_category, D]` region features of the warmed sampler, by category: the
+    first `per_category` regions of each category in `num_batches` batches of `dense_example`s
+    (repeated when fewer were drawn; row 0, background, and categories never drawn stay zero).
+    The language warm-up shows them to the LLM in the referring questions' region slots."""
+    features = jax.jit(lambda p, b: model.apply({"params": p}, b)[3])
+    feats, labels = [], []
+    for batch in itertools.islice(iter(batches), num_batches):
+        valid = np.asarray(batch["region_valid"])
+        feats.append(np.asarray(features(params, batch))[valid])
+        labels.append(np.asarray(batch["region_label"])[valid])
+    feats, labels = np.concatenate(feats), np.concatenate(labels)
+    bank = np.zeros((num_labels, per_category, feats.shape[-1]), np.float32)
+    for c in range(1, num_labels):
+        rows = feats[labels == c]
+        if len(rows):
+            bank[c] = rows[np.arange(per_category) % len(rows)]
+    return bank
+
+
+def projector_from_head(head: dict, groups: Sequence[int], features: int, key: jax.Array) -> dict:
+    """Params of a `Projector` (C -> `features`) whose fc1 starts as a linear head
+    `{'kernel' [C, N], 'bias' [N]}` with each group of its logits (`groups` sizes, summing to
+    N <= features) centred on the group's mean: the GELU after fc1 then passes each group's
+    above-average classes, a sparse code of the head's prediction. The other fc1 columns and fc2
+    keep the projector's random init from `key`."""
+    kernel, bias = head["kernel"], head["bias"]
+    n = sum(groups)
+    if kernel.shape[1] != n or n > features:
+        raise ValueError(f"head of {kernel.shape[1]} outputs for groups summing to {n}, projector width {features}")
+    params = train._values(Projector(features).init(key, jnp.zeros((1, kernel.shape[0])))["params"])
+    ends = np.cumsum(groups)
+    centred = lambda x: jnp.concatenate([g - g.mean(-1, keepdims=True) for g in jnp.split(x, ends[:-1], -1)], -1)  # noqa: E731
+    params["fc1"]["kernel"] = params["fc1"]["kernel"].at[:, :n].set(centred(kernel))
+    params["fc1"]["bias"] = params["fc1"]["bias"].at[:n].set(centred(bias))
+    return params
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,13 +369,21 @@ def language_dataset(world: dict, tokenizer: text.Tokenizer, batch_size: int, ma
     task, caption_task = pipeline.synthetic_task(3), pipeline.synthetic_task(1)
     skipped = collections.Counter() if skipped is None else skipped
 
+    categories = list(source.categories)
+
     def example(record: dict, rng: np.random.Generator) -> dict | None:
         fn = caption_task if rng.random() < caption_share else task
         try:
-            return text_example(scramble_coordinates(fn(record, rng)[1].turns, rng), tokenizer, max_length, system_prompt)
+            turns = fn(record, rng)[1].turns
+            ex = text_example(scramble_coordinates(turns, rng), tokenizer, max_length, system_prompt)
         except ExampleError as e:
             skipped[e.reason] += 1
             return None
+        labels = region_categories(turns, categories)[:MAX_TEXT_REGIONS]
+        ex["region_label"] = np.zeros(MAX_TEXT_REGIONS, np.int32)
+        ex["region_label"][: len(labels)] = labels
+        ex["region_pick"] = rng.integers(0, 1 << 20, MAX_TEXT_REGIONS).astype(np.int32)
+        return ex
 
     return (grain.MapDataset.source(source).shuffle(seed=seed).repeat().random_map(example, seed=seed)
             .filter(lambda ex: ex is not None)
@@ -321,9 +391,41 @@ def language_dataset(world: dict, tokenizer: text.Tokenizer, batch_size: int, ma
             .batch(batch_size, drop_remainder=True))
 
 
-def language_loss(params, batch: dict, model: Llama) -> tuple[jax.Array, dict]:
-    """Mean next-token cross-entropy over the answer tokens, and their accuracy."""
-    logits, _ = model.apply({"params": params}, batch["tokens"])
+def region_categories(turns: Sequence[tuple[str, str]], categories: Sequence[str]) -> list[int]:
+    """1 + the category index of each `<region_fea>` of the turns, in order: the category the
+    answer after its question names ("It is a <name>.", the world's referring answers); 0 where
+    that answer names none of `categories`."""
+    labels = []
+    for i, (_, value) in enumerate(turns):
+        answer = turns[i + 1][1] if i + 1 < len(turns) else ""
+        named = re.fullmatch(r"It is a (.+)\.", answer)
+        label = 1 + categories.index(named.group(1)) if named and named.group(1) in categories else 0
+        labels += [label] * value.count(text.REGION_TOKEN)
+    return labels
+
+
+def with_region_features(embeddings: jax.Array, batch: dict, bank: jax.Array, region_id: int) -> jax.Array:
+    """`[B, L, D]` token embeddings with the k-th `<region_fea>` of each example replaced by a
+    feature of its category from `bank [K, M, D]` (`batch['region_label'] [B, R]`, the feature
+    picked by `batch['region_pick'] [B, R]`); slots of label 0 keep the token's embedding."""
+    tokens = batch["tokens"]
+    is_region = tokens == region_id
+    k = jnp.clip(jnp.cumsum(is_region, axis=1) - 1, 0, batch["region_label"].shape[1] - 1)
+    label = jnp.take_along_axis(batch["region_label"], k, axis=1)
+    pick = jnp.take_along_axis(batch["region_pick"], k, axis=1) % bank.shape[1]
+    return jnp.where((is_region & (label > 0))[..., None], bank[label, pick].astype(embeddings.dtype), embeddings)
+
+
+def language_loss(params, batch: dict, model: Llama, region_bank: jax.Array | None = None,
+                  region_id: int = -1) -> tuple[jax.Array, dict]:
+    """Mean next-token cross-entropy over the answer tokens, and their accuracy; with a
+    `region_bank`, the `<region_fea>` slots (`region_id`) carry region features (`with_region_features`)."""
+    if region_bank is None:
+        logits, _ = model.apply({"params": params}, batch["tokens"])
+    else:
+        embeddings = model.apply({"params": params}, batch["tokens"], method=Llama.embed)
+        embeddings = with_region_features(embeddings, batch, region_bank, region_id)
+        logits, _ = model.apply({"params": params}, embeddings=embeddings)
     loss, correct = losses.token_cross_entropy(logits, batch["targets"], batch["loss_mask"])
     n = jnp.maximum(batch["loss_mask"].sum(), 1.0)
     return loss.sum() / n, {"loss": loss.sum() / n, "accuracy": correct.sum() / n}
@@ -331,17 +433,22 @@ def language_loss(params, batch: dict, model: Llama) -> tuple[jax.Array, dict]:
 
 def language_warm_up(
     config: LlamaConfig, world: dict, tokenizer: text.Tokenizer, *, steps: int, batch_size: int, lr: float, max_length: int,
-    system_prompt: bool, caption_share: float = 0.0, seed: int = 0, log_every: int = 50, log: Callable[[str], None] = print,
+    system_prompt: bool, caption_share: float = 0.0, region_bank: np.ndarray | None = None, seed: int = 0,
+    log_every: int = 50, log: Callable[[str], None] = print,
 ) -> tuple[dict, dict]:
     """Trains the LLM alone on the answers of the world's stage-III conversations (no images,
     scrambled coordinates; a `caption_share` of stage-I captions) for `steps` steps: it learns the answer formats and to take names from
     the question, which a pretrained LLM brings. `system_prompt` as in the stages' examples.
     Conversations are padded to `max_length` tokens; longer ones are skipped and counted
-    (`skipped_too_long`). Returns (`{'llm'}` params for `save_converted`, the `adamw_fit` metrics)."""
+    (`skipped_too_long`). With a `region_bank` (`warm_up`'s), each referring question's
+    `<region_fea>` carries a warmed sampler's feature of the referred category, so the LLM learns
+    to read the region from it before any stage. Returns (`{'llm'}` params for `save_converted`,
+    the `adamw_fit` metrics)."""
     model = Llama(config)
     skipped = collections.Counter()
     batches = language_dataset(world, tokenizer, batch_size, max_length, seed, system_prompt, skipped, caption_share)
-    params, result = adamw_fit(functools.partial(language_loss, model=model),
+    bank = None if region_bank is None else jnp.asarray(region_bank)
+    params, result = adamw_fit(functools.partial(language_loss, model=model, region_bank=bank, region_id=tokenizer.region_id),
                                lambda k, b: model.init(k, b["tokens"][:1])["params"], iter(batches),
                                steps=steps, lr=lr, seed=seed, tag="llm warmup", log_every=log_every, log=log,
                                describe=lambda m: f"answer loss {m['loss']:.3f} token acc {m['accuracy']:.3f}")

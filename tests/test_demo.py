@@ -3,10 +3,13 @@ synthetic world, evaluation, the results file and the picture of grounded answer
 
 import json
 
+import jax
+import numpy as np
 import pytest
 from PIL import Image
 
 from ferret_jax import demo, evaluate
+from ferret_jax.convert import load_converted
 
 
 def test_quick_demo_runs_end_to_end(tmp_path):
@@ -17,6 +20,9 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     with pytest.raises(ValueError, match="warm-up of seed 1, not 0"):  # another seed does not reuse it
         demo.warm_up_backbones("demo", str(tmp_path / "warmup"), 3, lambda _: None, seed=0)
     for stage in (1, 2, 3):
+        for task in ("grounding", "referring"):  # every prompt fits, stage I's short training length too
+            lines = (tmp_path / f"eval_stage{stage}" / task / "predictions.jsonl").read_text().splitlines()
+            assert lines and not [p["error"] for p in map(json.loads, lines) if "error" in p]
         r = saved[f"stage{stage}"]
         assert 0 <= r["grounding_acc50"] <= 1 and 0 <= r["referring_acc"] <= 1 and r["seconds"] > 0
         assert set(r["grounding_acc50_by_objects"]) <= {"1", "2"} and r["grounding_acc50_by_objects"]
@@ -30,3 +36,13 @@ def test_quick_demo_runs_end_to_end(tmp_path):
         warm = saved[key]
         assert warm["trains"] == trains and warm["steps"] == 3 and warm["seconds"] > 0 and warm["loss"] > 0
     assert "clip" in demo.WARMUP_TRAINS["warmup"] and "llm" in demo.WARMUP_TRAINS["language_warmup"]
+    # The warm-up's projectors (from its dense heads) reach the stages: stage I leaves proj_local as
+    # it is, and stage II starts from it instead of copying proj_global.
+    assert saved["warmup"]["projectors_from_heads"]
+    _, warm = load_converted(str(tmp_path / "warmup"))
+    p1, p2 = (evaluate.load_model(str(tmp_path / f"stage{s}"))[1] for s in (1, 2))
+    for w, a in zip(jax.tree.leaves(warm["proj_local"]), jax.tree.leaves(p1["proj_local"])):
+        np.testing.assert_array_equal(np.asarray(w), np.asarray(a))
+    step = max(np.abs(np.asarray(a) - np.asarray(w)).max() for a, w in zip(jax.tree.leaves(p2["proj_local"]), jax.tree.leaves(warm["proj_local"])))
+    apart = max(np.abs(np.asarray(a) - np.asarray(g)).max() for a, g in zip(jax.tree.leaves(p2["proj_local"]), jax.tree.leaves(p1["proj_global"])))
+    assert step < 0.01 < apart, (step, apart)

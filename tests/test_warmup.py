@@ -8,6 +8,7 @@ import itertools
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -76,15 +77,41 @@ def test_box_digits_are_the_leading_digits_of_the_text_coordinates():
 @pytest.fixture(scope="module")
 def warmed(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("warmup") / "backbones")
-    encoders, result = warmup.warm_up(TINY, TINY_WORLD, steps=40, batch_size=16, lr=3e-3, log=lambda _: None)
+    encoders, result, bank = warmup.warm_up(TINY, TINY_WORLD, steps=40, batch_size=16, lr=3e-3, log=lambda _: None)
     save_converted(out, {"clip": TINY.clip, "dino": TINY.dino, "sampler": TINY.sampler}, encoders)
-    return out, result
+    return out, result, bank
 
 
 def test_warm_up_learns(warmed):
-    _, result = warmed
+    _, result, _ = warmed
     assert result["loss"] < 0.75 * result["initial_loss"], result
     assert result["steps"] == 40 and result["seconds"] > 0
+    # the tiny heads' 80 digit logits are more than its LLM's width (64)
+    assert not result["projectors_from_heads"]
+
+
+def test_projector_from_head_starts_fc1_as_the_centred_head():
+    from ferret_jax.models.ferret import Projector
+
+    rng = np.random.default_rng(0)
+    groups, width = (5, 10, 10), 32
+    head = {"kernel": rng.normal(size=(16, 25)).astype(np.float32), "bias": rng.normal(size=25).astype(np.float32)}
+    key = jax.random.key(3)
+    params = warmup.projector_from_head(head, groups, width, key)
+    x = rng.normal(size=(7, 16)).astype(np.float32)
+    logits = x @ head["kernel"] + head["bias"]
+    pre = np.asarray(x @ params["fc1"]["kernel"] + params["fc1"]["bias"])
+    for start, size in ((0, 5), (5, 10), (15, 10)):
+        group = logits[:, start:start + size]
+        np.testing.assert_allclose(pre[:, start:start + size], group - group.mean(-1, keepdims=True), rtol=1e-5, atol=1e-5)
+    fresh = train._values(Projector(width).init(key, jnp.zeros((1, 16)))["params"])
+    np.testing.assert_array_equal(params["fc1"]["kernel"][:, 25:], fresh["fc1"]["kernel"][:, 25:])
+    np.testing.assert_array_equal(params["fc2"]["kernel"], fresh["fc2"]["kernel"])
+    assert not np.allclose(params["fc1"]["kernel"][:, :25], fresh["fc1"]["kernel"][:, :25])
+    out = Projector(width).apply({"params": params}, x)  # the layout a stage loads
+    assert out.shape == (7, width) and np.isfinite(out).all()
+    with pytest.raises(ValueError, match="summing to 25, projector width 24"):
+        warmup.projector_from_head(head, groups, 24, key)
 
 
 def test_text_example_supervises_the_answers_of_the_conversation_without_its_image():
@@ -145,11 +172,49 @@ def test_language_dataset_rejects_a_caption_share_outside_0_1():
         warmup.language_dataset(TINY_WORLD, text.Tokenizer(model_proto=th.tokenizer_proto()), 8, 200, 0, caption_share=1.5)
 
 
-def test_language_warm_up_learns_the_answers():
+def test_warm_up_keeps_a_bank_of_region_features_by_category(warmed):
+    _, _, bank = warmed
+    assert bank.shape == (TINY_LABELS, 16, TINY.llm.hidden_size)
+    assert not bank[0].any()  # background
+    drawn = np.abs(bank[1:]).sum((1, 2)) > 0
+    assert drawn.sum() >= 20, drawn.sum()  # 20 batches of 16 scenes draw most of the 48 categories
+    # features of one category are closer to each other than to another category's
+    means = bank[1:][drawn].mean(1)
+    spread = np.linalg.norm(bank[1:][drawn] - means[:, None], axis=-1).mean()
+    apart = np.linalg.norm(means[:, None] - means[None], axis=-1)[~np.eye(len(means), dtype=bool)].mean()
+    assert spread < apart, (spread, apart)
+
+
+def test_region_categories_are_named_by_the_referring_answers():
+    categories = ["green square", "red circle"]
+    turns = [("human", "Is the object [1, 2] <region_fea> of the image a red circle or a blue diamond?"),
+             ("gpt", "It is a red circle."),
+             ("human", "What is the location of green square in the image?"), ("gpt", "green square [1, 2, 3, 4]."),
+             ("human", "Is the object [1, 2, 3, 4] <region_fea> of the image a green square or a red circle?"),
+             ("gpt", "It is a green square."),
+             ("human", "Is the object [5, 6] <region_fea> of the image a blue diamond or a red circle?"),
+             ("gpt", "It is a blue diamond.")]
+    assert warmup.region_categories(turns, categories) == [2, 1, 0]  # blue diamond: not a category
+
+
+def test_with_region_features_fills_the_region_slots_from_the_bank():
+    bank = np.arange(3 * 2 * 4, dtype=np.float32).reshape(3, 2, 4) + 100  # [K, M, D]
+    tokens = np.array([[5, 9, 6, 9, 7], [9, 5, 5, 5, 5]], np.int32)  # region id 9
+    batch = {"tokens": tokens, "region_label": np.array([[2, 1], [0, 0]], np.int32),
+             "region_pick": np.array([[3, 4], [1, 1]], np.int32)}
+    embeddings = np.zeros((2, 5, 4), np.float32)
+    out = np.asarray(warmup.with_region_features(jnp.asarray(embeddings), batch, jnp.asarray(bank), 9))
+    np.testing.assert_array_equal(out[0, 1], bank[2, 1])  # first slot: category 2, pick 3 % 2
+    np.testing.assert_array_equal(out[0, 3], bank[1, 0])  # second slot: category 1, pick 4 % 2
+    assert not out[0, [0, 2, 4]].any() and not out[1].any()  # other tokens, and label 0, unchanged
+
+
+def test_language_warm_up_learns_the_answers(warmed):
     config = TINY.llm
     tokenizer = text.Tokenizer(model_proto=th.tokenizer_proto())
     params, result = warmup.language_warm_up(config, TINY_WORLD, tokenizer, steps=30, batch_size=8, lr=3e-3,
-                                             max_length=200, system_prompt=False, log=lambda _: None)
+                                             max_length=200, system_prompt=False, region_bank=warmed[2],
+                                             log=lambda _: None)
     assert result["loss"] < 0.6 * result["initial_loss"], result
     assert jax.tree.structure(params["llm"]) == jax.tree.structure(jax.tree.map(np.asarray, th.init_params(seed=0)["llm"]))
 
@@ -173,7 +238,7 @@ def test_the_sampler_learns_the_regions_categories_through_the_region_head():
 def test_stage1_starts_from_the_warmed_backbones(tmp_path, warmed):
     """`init.pretrained` with a dir holding clip, dino and the sampler: those load, the LLM keeps its
     random init; the tiny stage I freezes all four, so they are bit-identical after training."""
-    out, _ = warmed
+    out, _, _ = warmed
     workdir = th.prepare(tmp_path / "stage1", th.tokenizer_proto())
     train.train(th.config(1, total_steps=2, **{"init.pretrained": out}), workdir)
     params, _ = th.params_of(workdir, 1)

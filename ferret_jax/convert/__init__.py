@@ -3,7 +3,7 @@
 `python -m ferret_jax.convert --clip DIR --dinov2 DIR --llm DIR --out DIR` writes an Orbax params
 checkpoint `OUT/params` with the subtrees `clip`, `dino`, `llm` and `OUT/backbones.json` with their
 configs: the `pretrained` init of training. The CPU demo's warm-ups write the same layout, with a
-warmed `sampler` beside them.
+warmed `sampler` and both projectors beside them.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from ferret_jax.convert.llama import convert_llama
 from ferret_jax.convert.safetensors_io import CheckpointError, TensorSource
 from ferret_jax.models.clip import ClipConfig
 from ferret_jax.models.dinov2 import Dinov2Config
+from ferret_jax.models.ferret import ProjectorConfig
 from ferret_jax.models.llama import LlamaConfig
 from ferret_jax.models.sampler import SamplerConfig
 
@@ -35,7 +36,8 @@ __all__ = [
     "save_converted",
 ]
 
-CONFIG_TYPES = {"clip": ClipConfig, "dino": Dinov2Config, "llm": LlamaConfig, "sampler": SamplerConfig}
+CONFIG_TYPES = {"clip": ClipConfig, "dino": Dinov2Config, "llm": LlamaConfig, "sampler": SamplerConfig,
+                "proj_global": ProjectorConfig, "proj_local": ProjectorConfig}
 PARAMS_DIR = "params"
 CONFIGS_FILE = "backbones.json"
 

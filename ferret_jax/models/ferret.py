@@ -95,6 +95,14 @@ class FerretConfig:
         return self.global_grid**2 + local
 
 
+@dataclasses.dataclass(frozen=True)
+class ProjectorConfig:
+    """A `Projector`'s shape, as a `save_converted` directory records it beside the backbones."""
+
+    in_features: int  # the encoder's width
+    features: int  # the LLM's width
+
+
 class Projector(nn.Module):
     """LLaVA-1.5's `mlp2x_gelu`: Linear -> GELU (erf) -> Linear. `[..., C] -> [..., D]`."""
 
