@@ -281,6 +281,7 @@ def warm_up(
         log(f"[warmup] the dense heads' {sum(groups)} digit logits do not fit the LLM width {config.llm.hidden_size}: "
             "the projectors keep their random init")
     result["projectors_from_heads"] = bool(projectors)
+    # the bank's scenes: a data order apart from the warm-up's own (seed)
     bank = region_feature_bank(params, model, dense_dataset(world, config, batch_size, seed + 11), num_labels)
     log(f"[warmup] region feature bank: {int((np.abs(bank).sum((1, 2)) > 0).sum())} of {num_labels - 1} categories")
     return jax.device_get({**{k: params[k] for k in ("clip", "dino", "sampler")}, **projectors}), result, bank
@@ -407,12 +408,15 @@ def region_categories(turns: Sequence[tuple[str, str]], categories: Sequence[str
 def with_region_features(embeddings: jax.Array, batch: dict, bank: jax.Array, region_id: int) -> jax.Array:
     """`[B, L, D]` token embeddings with the k-th `<region_fea>` of each example replaced by a
     feature of its category from `bank [K, M, D]` (`batch['region_label'] [B, R]`, the feature
-    picked by `batch['region_pick'] [B, R]`); slots of label 0 keep the token's embedding."""
+    picked by `batch['region_pick'] [B, R]`); slots of label 0, and any after the R-th, keep the
+    token's embedding."""
     tokens = batch["tokens"]
     is_region = tokens == region_id
-    k = jnp.clip(jnp.cumsum(is_region, axis=1) - 1, 0, batch["region_label"].shape[1] - 1)
-    label = jnp.take_along_axis(batch["region_label"], k, axis=1)
-    pick = jnp.take_along_axis(batch["region_pick"], k, axis=1) % bank.shape[1]
+    r = batch["region_label"].shape[1]
+    k = jnp.cumsum(is_region, axis=1) - 1
+    slot = jnp.clip(k, 0, r - 1)
+    label = jnp.where(k < r, jnp.take_along_axis(batch["region_label"], slot, axis=1), 0)
+    pick = jnp.take_along_axis(batch["region_pick"], slot, axis=1) % bank.shape[1]
     return jnp.where((is_region & (label > 0))[..., None], bank[label, pick].astype(embeddings.dtype), embeddings)
 
 

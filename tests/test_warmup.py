@@ -211,14 +211,14 @@ def test_region_categories_are_named_by_the_referring_answers():
 
 def test_with_region_features_fills_the_region_slots_from_the_bank():
     bank = np.arange(3 * 2 * 4, dtype=np.float32).reshape(3, 2, 4) + 100  # [K, M, D]
-    tokens = np.array([[5, 9, 6, 9, 7], [9, 5, 5, 5, 5]], np.int32)  # region id 9
+    tokens = np.array([[5, 9, 6, 9, 9], [9, 5, 5, 5, 5]], np.int32)  # region id 9; row 0's third slot has no label
     batch = {"tokens": tokens, "region_label": np.array([[2, 1], [0, 0]], np.int32),
              "region_pick": np.array([[3, 4], [1, 1]], np.int32)}
     embeddings = np.zeros((2, 5, 4), np.float32)
     out = np.asarray(warmup.with_region_features(jnp.asarray(embeddings), batch, jnp.asarray(bank), 9))
     np.testing.assert_array_equal(out[0, 1], bank[2, 1])  # first slot: category 2, pick 3 % 2
     np.testing.assert_array_equal(out[0, 3], bank[1, 0])  # second slot: category 1, pick 4 % 2
-    assert not out[0, [0, 2, 4]].any() and not out[1].any()  # other tokens, and label 0, unchanged
+    assert not out[0, [0, 2, 4]].any() and not out[1].any()  # other tokens, label 0, a slot past R: unchanged
 
 
 def test_language_warm_up_learns_the_answers(warmed):
