@@ -10,11 +10,10 @@ evaluation prompts the model must answer in stage III).
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Sequence
 
 import numpy as np
-
-import re
 
 from data_pipelines import regions as R
 from data_pipelines import text
@@ -136,7 +135,18 @@ def referring_classification(
     region, seg, prompt = referring_region(obj, kind, rng, width, height)
     names = [obj.name, negative] if rng.integers(2) == 0 else [negative, obj.name]
     question = text.roc_question(prompt.removesuffix(f" {text.REGION_TOKEN}"), *names)
-    return Task([("human", question), ("gpt", f"It is a {obj.name}.")], [region], [seg])
+    return Task([("human", question), ("gpt", referring_answer(obj.name))], [region], [seg])
+
+
+def referring_answer(name: str) -> str:
+    """The binary-choice referring answer the world's conversations write: 'It is a <name>.'"""
+    return f"It is a {name}."
+
+
+def referred_name(answer: str) -> str | None:
+    """The name a `referring_answer` states; None for any other text."""
+    named = re.fullmatch(r"It is a (.+)\.", answer)
+    return named.group(1) if named else None
 
 
 def caption(objects: Sequence[Annotation]) -> Task:

@@ -394,13 +394,12 @@ def language_dataset(world: dict, tokenizer: text.Tokenizer, batch_size: int, ma
 
 def region_categories(turns: Sequence[tuple[str, str]], categories: Sequence[str]) -> list[int]:
     """1 + the category index of each `<region_fea>` of the turns, in order: the category the
-    answer after its question names ("It is a <name>.", the world's referring answers); 0 where
-    that answer names none of `categories`."""
+    answer after its question names (`tasks.referring_answer`, the world's referring answers); 0
+    where that answer names none of `categories`."""
     labels = []
     for i, (_, value) in enumerate(turns):
-        answer = turns[i + 1][1] if i + 1 < len(turns) else ""
-        named = re.fullmatch(r"It is a (.+)\.", answer)
-        label = 1 + categories.index(named.group(1)) if named and named.group(1) in categories else 0
+        named = tasks.referred_name(turns[i + 1][1]) if i + 1 < len(turns) else None
+        label = 1 + categories.index(named) if named in categories else 0
         labels += [label] * value.count(text.REGION_TOKEN)
     return labels
 

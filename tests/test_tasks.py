@@ -80,6 +80,13 @@ def test_grounding_and_classification_prompts():
     assert tasks.caption(_objects()).turns[1][1] == "The image shows bird, dog and cat."
 
 
+def test_referred_name_reads_back_the_referring_answer():
+    for name in ("dog", "small red circle", "bat (animal)"):
+        assert tasks.referred_name(tasks.referring_answer(name)) == name
+    for other in ("It is not a dog.", "dog [600, 100, 750, 400].", "It is a dog", "The image shows dog."):
+        assert tasks.referred_name(other) is None
+
+
 def test_synthetic_scenes_become_valid_examples():
     """Every builder on synthetic scenes goes through build_example into a contract example."""
     source = synthetic.SyntheticSource("train", 20, seed=5)
