@@ -1,6 +1,6 @@
 """Can the demo's decoder learn to pick the named object's box among two? An isolated probe.
 
-Grounding in the CPU demo fails on two-object scenes (README, "Demo status"). This probe takes
+Grounding in the CPU demo fails on two-object scenes (DEMO_RUNS.md). This probe takes
 the encoders out of the question: the demo-sized LLaMA (`ferret_jax.models.llama.Llama`) reads a
 prefix of 36 *clean* patch features (a 6x6 grid), each the one-hot category of the object under
 it (24 colour x shape names, or background) and the one-hot hundreds and tens digits of that

@@ -1,7 +1,7 @@
 """What a demo checkpoint's encoder patches tell about the object under them. A probe.
 
 For the two-object grounding question the LLM must find the asked object's patches by its name
-(README, "Demo status"). This probe runs a trained checkpoint's encoders (`evaluate.load_model`)
+(DEMO_RUNS.md). This probe runs a trained checkpoint's encoders (`evaluate.load_model`)
 on held-out scenes of its world, labels every CLIP global-view and DINOv2 tile patch with the
 object under its centre (`warmup.dense_example`, as the dense warm-up does), fits linear
 (softmax-regression) probes for the category, the shape and the colour (background a class of

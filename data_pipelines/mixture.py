@@ -141,7 +141,7 @@ def synthetic_tokenizer(vocab_size: int, scenes: int = 300, seed: int = 0, whole
     stages, digits split; deterministic for its arguments. Used by the demo and tests.
 
     With `whole_names`, every colour-shape name ("red circle") is one piece, as most object names
-    are one token of a real LLM's vocabulary (`benchmarks/probe_name_copy.py`; README, Demo status).
+    are one token of a real LLM's vocabulary (`benchmarks/probe_name_copy.py`; DEMO_RUNS.md).
 
     Kept per process: every fresh workdir of a synthetic run (the warm-up, then each stage) asks
     for it, and drawing its 600 scenes takes ~15 s on a 2-core CPU."""

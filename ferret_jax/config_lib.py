@@ -167,7 +167,7 @@ _SMALL = {
     # max_length: stage I's longest example is 72 tokens, stage II's 292; stage III's 256 hold
     # >99% of its examples (longer ones are redrawn and counted as too_long). Most steps go to
     # stage III, whose tasks the targets measure: three grounding questions in four (its answers
-    # are where the demo lags most), at half the earlier stages' lr (README, Demo status). Stage I's
+    # are where the demo lags most), at half the earlier stages' lr (DEMO_RUNS.md). Stage I's
     # steps are cheap (~0.03 s): 500 of them take its caption loss from ~2.7 to ~0.5.
     "demo": dict(batch_size=8, max_length={1: 80, 2: 296, 3: 256}, max_regions=3, total_steps={1: 500, 2: 250, 3: 1800},
                  lr={1: 2e-3, 2: 2e-3, 3: 1e-3}, grounding_share=0.75, scene=_DEMO_SCENE),
@@ -181,7 +181,7 @@ _SMALL = {
 # trains it too (the 7B/13B configs keep the paper's sets, TRAINABLE). The dense warm-up's length
 # matters more than any stage's: after 400 steps the stage-III model never read boxes from the
 # image, after 1000 it did; 1800 steps of 24 scenes (the time of 1400 of 32) end with the patch
-# categories 65–80% right instead of 59–64% (README, Demo status).
+# categories 65–80% right instead of 59–64% (DEMO_RUNS.md).
 DEMO_WARMUP = {
     "dense": dict(steps=1800, batch_size=24, lr=3e-3),
     # The longest text of a demo-world conversation (2 questions, 2 boxes per answer) is ~160

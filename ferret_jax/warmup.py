@@ -13,7 +13,7 @@ The dense heads' box-digit halves become the first layers of the projectors
 (`projector_from_head`): each projector's GELU then starts on its encoder's box-digit logits, a
 sparse code of where the patch's object is, instead of on a random mix of its features (the
 category logits stay out: with them too, the stage-III models stopped reading the referred
-region's feature; README, Demo status). CLIP, DINOv2, the sampler and the two
+region's feature; DEMO_RUNS.md). CLIP, DINOv2, the sampler and the two
 projectors are written in the `python -m ferret_jax.convert` layout (with the warmed LLM, by
 `demo.warm_up_backbones`), so a stage config picks them up with `init.pretrained=DIR`.
 
