@@ -270,15 +270,10 @@ def warm_up(
     batches = iter(dense_dataset(world, config, batch_size, seed))
     params, result = adamw_fit(functools.partial(dense_loss, model=model), init, batches,
                                steps=steps, lr=lr, seed=seed, tag="warmup", describe=describe, log_every=log_every, log=log)
-    groups = (10,) * (4 * DIGITS)  # the heads' box-digit logits, after the num_labels category logits
-    projectors = {}
-    if sum(groups) <= config.llm.hidden_size:
-        key = jax.random.key(seed + 7)  # the projectors' random part: a key apart from the warm-up's init (seed)
-        digit_head = lambda h: {"kernel": h["kernel"][:, num_labels:], "bias": h["bias"][num_labels:]}  # noqa: E731
-        projectors = {name: projector_from_head(digit_head(params[head]), groups, config.llm.hidden_size, key)
-                      for name, head in (("proj_global", "clip_head"), ("proj_local", "dino_head"))}
-    else:
-        log(f"[warmup] the dense heads' {sum(groups)} digit logits do not fit the LLM width {config.llm.hidden_size}: "
+    # the projectors' random part: a key apart from the warm-up's init (seed)
+    projectors = projectors_from_heads(params, num_labels, config.llm.hidden_size, jax.random.key(seed + 7))
+    if not projectors:
+        log(f"[warmup] the dense heads' {40 * DIGITS} digit logits do not fit the LLM width {config.llm.hidden_size}: "
             "the projectors keep their random init")
     result["projectors_from_heads"] = bool(projectors)
     # the bank's scenes: a data order apart from the warm-up's own (seed)
@@ -324,6 +319,18 @@ def projector_from_head(head: dict, groups: Sequence[int], features: int, key: j
     params["fc1"]["kernel"] = params["fc1"]["kernel"].at[:, :n].set(centred(kernel))
     params["fc1"]["bias"] = params["fc1"]["bias"].at[:n].set(centred(bias))
     return params
+
+
+def projectors_from_heads(params: dict, num_labels: int, width: int, key: jax.Array) -> dict:
+    """`proj_global` and `proj_local` params (C -> `width`) started from the box-digit logits of
+    the warmed `clip_head` and `dino_head` (`projector_from_head`; the `num_labels` category
+    logits before them are left out); {} when those 40 * DIGITS logits are more than `width`."""
+    groups = (10,) * (4 * DIGITS)
+    if sum(groups) > width:
+        return {}
+    digit_head = lambda h: {"kernel": h["kernel"][:, num_labels:], "bias": h["bias"][num_labels:]}  # noqa: E731
+    return {name: projector_from_head(digit_head(params[head]), groups, width, key)
+            for name, head in (("proj_global", "clip_head"), ("proj_local", "dino_head"))}
 
 
 # ----------------------------------------------------------------------------------------------

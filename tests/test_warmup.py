@@ -40,6 +40,11 @@ def test_patch_targets_in_global_and_tile_coordinates():
     obj, box = warmup.patch_targets(index, boxes, np.array((0.5, 0, 1, 1.0)), 2)  # the right half
     np.testing.assert_array_equal(obj, [[1, 1], [0, 0]])
     np.testing.assert_allclose(box[0, 0], (0, 0, 1, 0.5))
+    across = np.zeros((8, 8), np.int32)
+    across[0:4, 2:6] = 1  # an object across the right half's left edge: its box is cut at the view
+    obj, box = warmup.patch_targets(across, np.array([(0.25, 0.0, 0.75, 0.5)]), np.array((0.5, 0, 1, 1.0)), 2)
+    np.testing.assert_array_equal(obj, [[1, 0], [0, 0]])
+    np.testing.assert_allclose(box[0, 0], (0, 0, 0.5, 0.5))
 
 
 def test_dense_example_labels_each_view_with_the_object_it_shows():
@@ -70,6 +75,8 @@ def test_box_digits_are_the_leading_digits_of_the_text_coordinates():
 
     box = np.array([[0.5, 0.0, 0.9999, 0.1234]], np.float32)
     np.testing.assert_array_equal(warmup.box_digits(box)[0], [[5, 0], [0, 0], [9, 9], [1, 2]])
+    # an edge at the view's border (1.0, as clipped tile boxes have) is the last canvas value, 999
+    np.testing.assert_array_equal(warmup.box_digits(np.array([[1.0, 0, 0, 1.0]]))[0], [[9, 9], [0, 0], [0, 0], [9, 9]])
     # the same numbers `text.box_text` writes for the inclusive pixel box of a 1000-wide image
     assert text.box_text((500, 0, 999.9, 123.4), 1000, 1000) == "[500, 0, 999, 123]"
 
@@ -114,6 +121,21 @@ def test_projector_from_head_starts_fc1_as_the_centred_head():
         warmup.projector_from_head(head, groups, 24, key)
 
 
+def test_projectors_start_from_the_heads_box_digit_logits_alone():
+    rng = np.random.default_rng(1)
+    labels, channels = 5, 12
+    heads = {name: {"kernel": rng.normal(size=(channels, labels + 80)).astype(np.float32),
+                    "bias": rng.normal(size=labels + 80).astype(np.float32)} for name in ("clip_head", "dino_head")}
+    key = jax.random.key(7)
+    projectors = warmup.projectors_from_heads(heads, labels, 96, key)
+    assert set(projectors) == {"proj_global", "proj_local"}
+    for name, head in (("proj_global", "clip_head"), ("proj_local", "dino_head")):
+        digits = heads[head]["kernel"][:, labels:]  # the category logits stay out
+        centred = np.concatenate([g - g.mean(-1, keepdims=True) for g in np.split(digits, 8, axis=-1)], -1)
+        np.testing.assert_allclose(projectors[name]["fc1"]["kernel"][:, :80], centred, rtol=1e-5, atol=1e-6)
+    assert warmup.projectors_from_heads(heads, labels, 64, key) == {}  # 80 logits do not fit 64 units
+
+
 def test_text_example_supervises_the_answers_of_the_conversation_without_its_image():
     tokenizer = text.Tokenizer(model_proto=th.tokenizer_proto())
     turns = [("human", "What is the location of red circle in the image?"), ("gpt", "Red circle [1, 2, 3, 4].")]
@@ -128,6 +150,8 @@ def test_text_example_supervises_the_answers_of_the_conversation_without_its_ima
     short = warmup.text_example(turns, tokenizer, 200, system_prompt=False)
     assert (short["loss_mask"] > 0).sum() == (ex["loss_mask"] > 0).sum()
     assert (short["tokens"] > 0).sum() < n - 40  # the system prompt is gone
+    exact = warmup.text_example(turns, tokenizer, n)  # a conversation of exactly max_length fits
+    assert exact["loss_mask"][-1] > 0 and exact["targets"][-1] == ids[-1]
     with pytest.raises(ExampleError, match=f"{n} tokens > max_length {n - 1}") as error:
         warmup.text_example(turns, tokenizer, n - 1)
     assert error.value.reason == "too_long"
@@ -221,13 +245,34 @@ def test_with_region_features_fills_the_region_slots_from_the_bank():
     assert not out[0, [0, 2, 4]].any() and not out[1].any()  # other tokens, label 0, a slot past R: unchanged
 
 
-def test_language_warm_up_learns_the_answers(warmed):
+def test_language_loss_reads_the_bank_in_the_region_slots(warmed):
+    from ferret_jax.models.llama import Llama
+
+    tokenizer = text.Tokenizer(model_proto=th.tokenizer_proto())
+    batch = next(iter(warmup.language_dataset(TINY_WORLD, tokenizer, 8, 200, 0, system_prompt=False)))
+    assert (batch["tokens"] == tokenizer.region_id).any() and batch["region_label"].any()
+    model = Llama(TINY.llm)
+    params = model.init(jax.random.key(0), batch["tokens"][:1])["params"]
+    plain, _ = warmup.language_loss(params, batch, model)
+    banked, _ = warmup.language_loss(params, batch, model, jnp.asarray(warmed[2]), tokenizer.region_id)
+    elsewhere, _ = warmup.language_loss(params, batch, model, jnp.asarray(warmed[2]), -1)  # no slot carries a feature
+    # bit-identical without features in the slots, so any difference is the features' (a random
+    # LLM moves the loss only a little)
+    assert float(elsewhere) == float(plain) and float(banked) != float(plain), (plain, banked)
+
+
+def test_language_warm_up_learns_the_answers(warmed, monkeypatch):
     config = TINY.llm
     tokenizer = text.Tokenizer(model_proto=th.tokenizer_proto())
+    region_ids = []
+    fill = warmup.with_region_features
+    monkeypatch.setattr(warmup, "with_region_features", lambda e, b, bank, rid: region_ids.append(rid) or fill(e, b, bank, rid))
     params, result = warmup.language_warm_up(config, TINY_WORLD, tokenizer, steps=30, batch_size=8, lr=3e-3,
                                              max_length=200, system_prompt=False, region_bank=warmed[2],
                                              log=lambda _: None)
     assert result["loss"] < 0.6 * result["initial_loss"], result
+    assert region_ids and set(region_ids) == {tokenizer.region_id}  # the bank fills the tokenizer's region slots
+    assert result["skipped_too_long"] >= 0
     assert jax.tree.structure(params["llm"]) == jax.tree.structure(jax.tree.map(np.asarray, th.init_params(seed=0)["llm"]))
 
 
