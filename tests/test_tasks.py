@@ -59,8 +59,10 @@ def test_referring_kinds():
     dog = _objects()[0]  # no mask: point falls inside the box and is intersected with it
     point, seg, _ = tasks.referring_region(dog, "point", rng, W, H)
     assert 120 <= point.x <= 150 and 10 <= point.y <= 40 and seg.sum() == 31 * 31
-    box, _, _ = tasks.referring_region(dog, "free_form", rng, W, H)
-    assert isinstance(box, R.Box)
+    box, seg, _ = tasks.referring_region(dog, "free_form", rng, W, H)
+    assert isinstance(box, R.Box) and seg is None
+    box, seg, prompt = tasks.referring_region(cat, "box", rng, W, H)  # a box is intersected with the mask
+    assert box == R.Box(*cat.box) and seg is cat.mask and prompt == f"[100, 600, 245, 790] {text.REGION_TOKEN}"
     with pytest.raises(ValueError, match="unknown referring kind"):
         tasks.referring_region(dog, "scribble", rng, W, H)
 
@@ -87,6 +89,43 @@ def test_referred_name_reads_back_the_referring_answer():
         assert tasks.referred_name(other) is None
 
 
+def test_combine_keeps_the_order_of_turns_regions_and_segmentations():
+    rng = np.random.default_rng(3)
+    dog, cat, _ = _objects()
+    first = tasks.referring_classification(cat, "bird", W, H, rng, "point")
+    second = tasks.grounding(dog.name, [dog.box], W, H)
+    third = tasks.referring_classification(dog, "cat", W, H, rng, "box")
+    first = tasks.Task(first.turns, first.regions, first.segmentations, {"clipped": 1})
+    third = tasks.Task(third.turns, third.regions, third.segmentations, {"clipped": 2, "swapped": 1})
+    both = tasks.combine([first, second, third])
+    assert both.turns == first.turns + second.turns + third.turns
+    assert both.regions == first.regions + third.regions
+    assert both.segmentations[0] is cat.mask and both.segmentations[1] is None  # the dog has no mask
+    assert both.repairs == {"clipped": 3, "swapped": 1}
+    with pytest.raises(ValueError, match="nothing to combine"):
+        tasks.combine([])
+
+
+def test_dense_tasks_keep_at_most_max_objects_in_raster_order():
+    objs = [tasks.Annotation(f"thing{i}", (10 * i, 5 * (7 - i), 10 * i + 5, 5 * (7 - i) + 4)) for i in range(8)]
+    drawn = set()
+    for seed in range(10):
+        answer = tasks.dense_detection(objs, W, H, np.random.default_rng(seed), max_objects=3).turns[1][1]
+        names = re.findall(r"thing\d", answer)
+        assert len(set(names)) == 3
+        assert names == sorted(names, reverse=True)  # raster order: the higher boxes (larger i) first
+        drawn |= set(names)
+    assert len(drawn) > 3  # a random subset, not always the same three
+
+
+def test_builders_refuse_an_image_without_objects():
+    rng = np.random.default_rng(0)
+    for build in (lambda: tasks.grounding("dog", [], W, H), lambda: tasks.caption([]),
+                  lambda: tasks.dense_detection([], W, H, rng), lambda: tasks.dense_referring([], W, H, rng)):
+        with pytest.raises(ValueError, match="no box to ground 'dog'|no objects"):
+            build()
+
+
 def test_synthetic_scenes_become_valid_examples():
     """Every builder on synthetic scenes goes through build_example into a contract example."""
     source = synthetic.SyntheticSource("train", 20, seed=5)
@@ -97,8 +136,10 @@ def test_synthetic_scenes_become_valid_examples():
         scene = source[i]["scene"]
         w, h = scene.size
         objs = [tasks.Annotation(o.name, o.box, o.mask) for o in scene.objects]
+        kind = tasks.REFERRING_KINDS[i % len(tasks.REFERRING_KINDS)]
         for task in (tasks.dense_referring(objs, w, h, rng), tasks.dense_detection(objs, w, h, rng),
-                     tasks.grounding(objs[0].name, [objs[0].box], w, h), tasks.caption(objs)):
+                     tasks.grounding(objs[0].name, [objs[0].box], w, h), tasks.caption(objs),
+                     tasks.referring_classification(objs[0], "nothing", w, h, rng, kind)):
             corpus += [t for _, t in task.turns]
             built.append((scene, task))
     tok = text.Tokenizer(model_proto=text.train_tiny_tokenizer(corpus + [text.SYSTEM_PROMPT], vocab_size=600))
