@@ -12,7 +12,7 @@ import pytest
 from absl import flags
 
 from data_pipelines import regions as R, synthetic, tasks, text
-from data_pipelines.example import region_prompt
+from data_pipelines.example import ExampleError, region_prompt
 from ferret_jax import config_lib
 from ferret_jax import evaluate as E
 from tests import train_helpers as th
@@ -291,6 +291,12 @@ def test_referring_records_follow_the_protocol(referring_records):
             assert isinstance(region, R.Point) and obj.mask[int(region.y), int(region.x)]
             assert np.array_equal(record["segmentations"][0], obj.mask)  # the training task's point ∩ mask
         else:
+            # a free-form region is written as its box too: the region itself tells the kinds apart
+            if record["kind"] == "box":
+                assert region == R.Box(*obj.box) and np.array_equal(record["segmentations"][0], obj.mask)
+            else:
+                assert isinstance(region, R.Mask) and np.array_equal(region.mask, obj.mask)
+                assert record["segmentations"][0] is None
             # Location and region are deterministic here: the training task writes the same
             # question, in one of its two name orders.
             trained = {
@@ -375,8 +381,46 @@ def test_evaluate_end_to_end(tiny_export, tmp_path):
     assert saved == json.loads(json.dumps(metrics))
     assert saved["n"] == 4 and saved["n_records"] == 4 and saved["n_failed"] == 0
     assert 0.0 <= saved["acc50"] <= 1.0 and math.isfinite(saved["mean_iou"])
+    # the metrics are the lines' own scores, each line its record's
+    assert saved["mean_iou"] == pytest.approx(np.mean([line["iou"] for line in lines]))
+    assert saved["acc50"] == np.mean([line["correct"] for line in lines])
+    records = E.synthetic_grounding_records(num_records=4)
+    assert [line["question"] for line in lines] == [r["question"] for r in records]
     assert logs[-1].startswith("[predict] 4/4 records")  # two batches, the last one padded
     assert "acc50" in E.metrics_table(metrics)
+
+
+def test_evaluate_lists_and_counts_the_records_it_cannot_read_or_prompt(tiny_export, tmp_path, monkeypatch):
+    """An unreadable record is listed with its error and not scored (no ground truth); a record
+    whose prompt cannot be built is scored with an empty answer; both are counted by reason, and
+    the records beside them in their batches are answered and scored."""
+    good = E.synthetic_grounding_records(num_records=3)
+    too_long = dict(good[1], turns=[("human", good[1]["question"] + " again" * 600)])
+
+    class Records:
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, index):
+            if index == 1:
+                raise ExampleError("unreadable_image", "cannot read image scene1.png")
+            return [good[0], None, too_long, good[2]][index]
+
+    monkeypatch.setattr(E, "load_records", lambda *args, **kwargs: Records())
+    out = str(tmp_path / "eval")
+    metrics = E.evaluate("synthetic_grounding", tiny_export, out, num_records=4, batch_size=2, max_new_tokens=8,
+                         log=lambda _: None)
+    assert metrics["n_records"] == 4 and metrics["n_failed"] == 2 and metrics["n_unreadable"] == 1
+    assert metrics["failures"] == {"too_long": 1, "unreadable_image": 1}
+    assert metrics["n"] == 3  # the unreadable record is not scored
+    with open(os.path.join(out, E.PREDICTIONS_FILE)) as f:
+        lines = [json.loads(line) for line in f]
+    assert [line["index"] for line in lines] == [0, 1, 2, 3]
+    assert lines[1]["error"].startswith("unreadable_image: cannot read image") and "iou" not in lines[1]
+    assert lines[2]["error"].startswith("too_long:") and lines[2]["prediction"] == "" and lines[2]["iou"] == 0.0
+    for line, record in ((lines[0], good[0]), (lines[3], good[2])):
+        assert "error" not in line and line["id"] == record["id"] and line["question"] == record["question"]
+        assert line["prediction"] and math.isfinite(line["iou"])
 
 
 def test_synthetic_world_is_the_training_sources_scene_options():
