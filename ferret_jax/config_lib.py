@@ -131,7 +131,7 @@ def parse_arg(arg: str | None, **defaults: Any) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 # Stage configs (configs/stageN.py call `stage_config(N, arg)`)
 
-TRAINABLE = {  # regexes over param paths like 'llm/layers/attn/q/kernel' (DESIGN §7)
+TRAINABLE = {  # regexes over param paths like 'llm/layers/q/kernel' (DESIGN §7)
     1: ("proj_global/.*",),
     2: ("proj_global/.*", "proj_local/.*", "sampler/.*"),
     3: (".*",),
