@@ -41,6 +41,12 @@ answer writes colour and shape: the shape word must come from the image). `--que
 N questions about the same scene in turn (the first is scored). `--dense-text N` first trains N
 steps on a dense text lookup: `--dense-objects` named boxes written out, then the same again in
 another order, every box of the second list a lookup of its name in the first.
+`--induction N` first trains N steps of the classic induction task (a random sequence of 24
+tokens, a random filler, the sequence again; the repeat in the loss), which forms the
+previous-token heads a lookup by the tokens before "[" needs; `--pairs N` N steps of a two-token
+key recall ("a b [ v" eight times, then again in another order, the values in the loss; the keys
+colour-shape names, or with `--pairs-generic` any two tokens). `--question-first` puts the
+question before the patch features (the answer after them), so each patch can see the name.
 
   python benchmarks/probe_name_lookup.py [--layers 3 --heads 4 --hidden 128 --steps 1800 --batch 8]
 
@@ -223,6 +229,39 @@ def dense_text_batch(rng: np.random.Generator, n: int, k: int) -> dict:
     return {"prefix": np.array(prefix, np.int32), "tokens": tokens, "weights": np.ones(tokens.shape, np.float32)}
 
 
+def induction_batch(rng: np.random.Generator, n: int, length: int = 24, filler: int = 12) -> dict:
+    """`--induction N`: a random filler of 0..`filler` tokens, a random sequence of `length`, the
+    rest of the filler (the prefix), then the sequence again (the tokens, all in the loss)."""
+    rows = []
+    for _ in range(n):
+        seq = rng.integers(1, VOCAB, length)
+        before = int(rng.integers(0, filler))
+        rows.append(np.concatenate([rng.integers(1, VOCAB, before), seq, rng.integers(1, VOCAB, filler - before), seq]))
+    rows = np.stack(rows).astype(np.int32)
+    cut = length + filler
+    return {"prefix": rows[:, :cut], "tokens": rows[:, cut:], "weights": np.ones(rows[:, cut:].shape, np.float32)}
+
+
+def pairs_batch(rng: np.random.Generator, n: int, generic: bool, m: int = 8) -> dict:
+    """`--pairs N`: `m` entries "a b [ v" (a two-token key, a one-token value), then the same `m`
+    in another order with the values in the loss: each a lookup keyed by the two tokens before "["."""
+    prefix, tokens = [], []
+    for _ in range(n):
+        if generic:
+            keys = set()
+            while len(keys) < m:
+                keys.add(tuple(int(v) for v in rng.integers(1, VOCAB, 2)))
+            keys, values = list(keys), rng.integers(1, VOCAB, m)
+        else:
+            names = rng.choice(CATEGORIES, m, replace=False)
+            keys, values = [(COLOUR0 + c // SHAPES, SHAPE0 + c % SHAPES) for c in names], DIGIT0 + rng.integers(0, 10, m)
+        entries = [[a, b, WORDS.index("["), int(v)] for (a, b), v in zip(keys, values)]
+        prefix.append(sum(entries, []))
+        tokens.append(sum((entries[i] for i in rng.permutation(m)), []))
+    return {"prefix": np.array(prefix, np.int32), "tokens": np.array(tokens, np.int32),
+            "weights": np.tile(np.array([0, 0, 0, 1], np.float32), (n, m))}
+
+
 def batch(rng: np.random.Generator, n: int, args, x1_rng: np.random.Generator | None = None) -> tuple[dict, list[dict]]:
     """`n` scenes; with `x1_rng`, a share `args.x1_share` of the two-object ones get `x1_only` weights
     (drawn from `x1_rng`, so the scenes are the same whatever the share)."""
@@ -240,6 +279,7 @@ class Probe(nn.Module):
     then text `[B, T]` through the LLM; text logits `[B, T, V]`."""
 
     config: LlamaConfig
+    question_first: bool = False  # the question's QUESTION tokens before the features
 
     @nn.compact
     def __call__(self, b, tokens, text: bool = False):
@@ -249,6 +289,11 @@ class Probe(nn.Module):
         else:
             head = nn.Dense(self.config.hidden_size, name="projector")(b["features"])
             head = head + (llm.embed(b["patch_ids"]) * (b["patch_ids"] > 0)[..., None]).sum(-2)
+        if self.question_first and not text:
+            q, f = QUESTION, head.shape[1]
+            logits, _ = llm(embeddings=jnp.concatenate([llm.embed(tokens[:, :q]), head, llm.embed(tokens[:, q:])], axis=1))
+            # the text's next-token logits: the question's, then from the last feature on
+            return jnp.concatenate([logits[:, : q - 1], logits[:, q - 1 + f :]], axis=1)
         logits, _ = llm(embeddings=jnp.concatenate([head, llm.embed(tokens)], axis=1))
         return logits[:, head.shape[1] :]
 
@@ -285,6 +330,12 @@ def main() -> None:
     p.add_argument("--ask", choices=("name", "colour"), default="name",
                    help="what the question names: the whole name, or (colour) its colour word alone")
     p.add_argument("--questions", type=int, default=1, help="question-answer turns per scene (the first is scored)")
+    p.add_argument("--induction", type=int, default=0, metavar="STEPS",
+                   help="steps of induction sequences (batch 16) before anything else")
+    p.add_argument("--pairs", type=int, default=0, metavar="STEPS",
+                   help="steps of a two-token key recall (batch 16) before the features")
+    p.add_argument("--pairs-generic", action="store_true", help="--pairs keys of any two tokens, not names")
+    p.add_argument("--question-first", action="store_true", help="the question before the patch features")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     if args.opener in ("shape", "name", "colour") and args.query != "name":
@@ -295,7 +346,7 @@ def main() -> None:
     config = LlamaConfig(vocab_size=vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
                          num_layers=args.layers, num_heads=args.heads, num_kv_heads=args.heads,
                          max_position_embeddings=positions, scan_unroll=args.layers)
-    model = Probe(config)
+    model = Probe(config, args.question_first)
     rng = np.random.default_rng(args.seed)
     x1_rng = np.random.default_rng(args.seed + 1)
     def held_out_set(phase_args):  # the same 512 scenes in each phase's format
@@ -347,24 +398,41 @@ def main() -> None:
     phases = [("text ", True, args.text_warmup, args), ("curriculum ", False, args.curriculum, curriculum),
               ("", False, args.steps, args)]
     earlier = {}
-    if args.dense_text:
-        opt = optimizer(args.dense_text)
+
+    def text_phase(label: str, steps: int, draw, held_out: dict, at: np.ndarray, what: str) -> float:
+        """`steps` steps on text batches `draw()`; logs and returns how often the held-out tokens
+        at positions `at` are predicted right (teacher-forced)."""
+        nonlocal params
+        opt = optimizer(steps)
         opt_state = opt.init(params)
-        x1_at = [ENTRY * i + 3 for i in range(args.dense_objects)]  # x1's hundreds digit of each listed box
-        for i in range(1, args.dense_text + 1):
-            b = dense_text_batch(rng, args.batch, args.dense_objects)
-            params, opt_state, loss = step(params, opt_state, b, True, opt)
-            if i % max(1, args.dense_text // 6) == 0 or i == args.dense_text:
-                h = dense_text_batch(np.random.default_rng(20_000), 256, args.dense_objects)
-                pred = np.asarray(predict(params, h, True))
-                digits = h["tokens"][:, x1_at]
-                right = float((pred[:, [j - 1 for j in x1_at]] == digits).mean())
-                # a box of the list copied at random: right as often as the list shares the digit
-                at_random = float((digits[:, :, None] == digits[:, None, :]).mean())
-                print(f"dense text step {i}/{args.dense_text} loss {float(loss):.3f} | x1 hundreds digit right {right:.2f} "
-                      f"(a listed box at random: {at_random:.2f}) | {time.time() - start:.0f}s", flush=True)
-        earlier["dense_text_x1_right"] = right
-        earlier["dense_text_x1_at_random"] = at_random
+        for i in range(1, steps + 1):
+            params, opt_state, loss = step(params, opt_state, draw(), True, opt)
+            if i % max(1, steps // 6) == 0 or i == steps:
+                pred = np.asarray(predict(params, held_out, True))
+                right = float((pred[:, at - 1] == held_out["tokens"][:, at]).mean())
+                print(f"{label} step {i}/{steps} loss {float(loss):.3f} | {what} right {right:.3f} | "
+                      f"{time.time() - start:.0f}s", flush=True)
+        return right
+
+    if args.induction:
+        held_out = induction_batch(np.random.default_rng(20_000), 256)
+        earlier["induction_repeat_right"] = text_phase(
+            "induction", args.induction, lambda: induction_batch(rng, 16), held_out,
+            np.arange(1, held_out["tokens"].shape[1]), "repeated tokens")
+    if args.pairs:
+        held_out = pairs_batch(np.random.default_rng(20_000), 256, args.pairs_generic)
+        earlier["pairs_value_right"] = text_phase(
+            "pairs", args.pairs, lambda: pairs_batch(rng, 16, args.pairs_generic), held_out,
+            np.arange(3, held_out["tokens"].shape[1], 4), "recalled values")
+    if args.dense_text:
+        held_out = dense_text_batch(np.random.default_rng(20_000), 256, args.dense_objects)
+        x1_at = np.array([ENTRY * i + 3 for i in range(args.dense_objects)])  # x1's hundreds digit of each listed box
+        digits = held_out["tokens"][:, x1_at]
+        # a box of the list copied at random: right as often as the list shares the digit
+        earlier["dense_text_x1_at_random"] = float((digits[:, :, None] == digits[:, None, :]).mean())
+        earlier["dense_text_x1_right"] = text_phase(
+            "dense text", args.dense_text, lambda: dense_text_batch(rng, args.batch, args.dense_objects), held_out,
+            x1_at, f"x1 hundreds digit (a listed box at random: {earlier['dense_text_x1_at_random']:.2f})")
     for label, text, steps, phase_args in phases:
         if not steps:
             continue
