@@ -358,6 +358,61 @@ def test_load_model_builds_prompts_in_the_format_the_model_was_trained_on(tmp_pa
     assert example_config.max_length == 300
 
 
+def test_load_model_names_what_a_broken_checkpoint_lacks(tiny_export, tmp_path):
+    import shutil
+
+    from ferret_jax import checkpoint
+
+    def broken(name, edit):
+        path = tmp_path / name
+        shutil.copytree(tiny_export, path)
+        edit(path)
+        return str(path)
+
+    def meta_edit(change):
+        def edit(path):
+            meta = json.loads((path / checkpoint.EXPORT_META).read_text())
+            change(meta)
+            (path / checkpoint.EXPORT_META).write_text(json.dumps(meta))
+        return edit
+
+    no_meta = broken("no_meta", lambda p: (p / checkpoint.EXPORT_META).unlink())
+    with pytest.raises(FileNotFoundError, match=f"has params but no {checkpoint.EXPORT_META}"):
+        E.load_model(no_meta)
+    no_model = broken("no_model", meta_edit(lambda m: m.pop("model")))
+    with pytest.raises(ValueError, match="its meta has no 'model' config"):
+        E.load_model(no_model)
+    no_tokenizer = broken("no_tokenizer", lambda p: (p / E.TOKENIZER_FILE).unlink())
+    with pytest.raises(FileNotFoundError, match=f"has no {E.TOKENIZER_FILE}"):
+        E.load_model(no_tokenizer)
+    small_vocab = broken("small_vocab", meta_edit(lambda m: m["model"]["llm"].update(vocab_size=16)))
+    with pytest.raises(ValueError, match="ids, the LLM has 16"):
+        E.load_model(small_vocab)
+
+
+def test_records_and_scores_refuse_bad_arguments_clearly():
+    with pytest.raises(ValueError, match="max_records must be positive, got 0"):
+        E.load_records("synthetic_grounding", max_records=0)
+    with pytest.raises(ValueError, match="unknown referring kind 'scribble'"):
+        E.load_records("roc", kind="scribble")
+    with pytest.raises(ValueError, match="num_records must be positive, got 0"):
+        E.synthetic_grounding_records(num_records=0)
+    with pytest.raises(ValueError, match="has neither width/height nor an image"):
+        E.record_size({"id": "r1"})
+    assert E.record_size({"width": 30, "height": 20, "image": np.zeros((5, 6, 3))}) == (30, 20)
+    assert E.record_size({"image": np.zeros((5, 6, 3))}) == (6, 5)
+    with pytest.raises(ValueError, match="2 phrases but 1 ground-truth boxes"):
+        E.flickr_sample("a dog [1, 2, 3, 4].", ["a dog", "a cat"], [(0, 0, 1, 1)], 10, 10)
+    with pytest.raises(ValueError, match="3 predictions for 2 records"):
+        E.rec_accuracy(["", "", ""], [{"box": (0, 0, 1, 1), "width": 2, "height": 2}] * 2)
+    with pytest.raises(ValueError, match="model config must be a dict, got list"):
+        E.ferret_config_from_dict([])
+    with pytest.raises(ValueError, match=r"model config lacks \['dino', 'llm'\]"):
+        E.ferret_config_from_dict({"clip": {}})
+    with pytest.raises(ValueError, match="model config llm: expected a dict, got int"):
+        E.ferret_config_from_dict({"clip": {}, "dino": {}, "llm": 3})
+
+
 def test_decode_output_cuts_at_eos_and_drops_unknown_ids(tiny_export):
     tokenizer = text.Tokenizer(model_file=os.path.join(tiny_export, E.TOKENIZER_FILE))
     ids = tokenizer.encode("It is a large red circle.")

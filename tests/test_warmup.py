@@ -196,6 +196,15 @@ def test_language_dataset_rejects_a_caption_share_outside_0_1():
         warmup.language_dataset(TINY_WORLD, text.Tokenizer(model_proto=th.tokenizer_proto()), 8, 200, 0, caption_share=1.5)
 
 
+def test_dense_heads_refuse_a_sampler_on_projected_features():
+    import dataclasses
+
+    batch = next(iter(warmup.dense_dataset(TINY_WORLD, TINY, 2, seed=0)))
+    model = warmup.DenseHeads(dataclasses.replace(TINY, sampler_input="projected"), TINY_LABELS)
+    with pytest.raises(ValueError, match="trains the sampler on raw encoder features, got sampler_input='projected'"):
+        model.init(jax.random.key(0), batch)
+
+
 def test_warm_up_keeps_a_bank_of_region_features_by_category(warmed):
     _, _, bank = warmed
     assert bank.shape == (TINY_LABELS, 16, TINY.llm.hidden_size)
