@@ -160,6 +160,28 @@ def torch_dense(features: int, fan_in: int, axes, dtype, name: str) -> layers.De
     )
 
 
+class BroadcastPairDense(nn.Module):
+    """`Dense` over `concat([a, broadcast(b)], -1)` without building the concatenation:
+    `a @ W[:Da] + b @ W[Da:] + bias`, so `b`'s part is computed once per row of `b`, not once per
+    broadcast copy. a `[..., k, Da]`, b `[..., 1, Db]` -> `[..., k, features]`. Params are those of
+    a `layers.Dense` over Da + Db inputs (kernel `[Da + Db, features]`, bias `[features]`)."""
+
+    features: int
+    axes: tuple[str | None, str | None]
+    dtype: layers.Dtype
+    kernel_init: layers.Initializer
+    bias_init: layers.Initializer
+
+    @nn.compact
+    def __call__(self, a: jax.Array, b: jax.Array) -> jax.Array:
+        da = a.shape[-1]
+        kernel = self.param("kernel", layers.partitioned(self.kernel_init, self.axes), (da + b.shape[-1], self.features),
+                            jnp.float32).astype(self.dtype)
+        bias = self.param("bias", layers.partitioned(self.bias_init, self.axes[1:]), (self.features,), jnp.float32)
+        return (layers.matmul(a.astype(self.dtype), kernel[:da], 1) + layers.matmul(b.astype(self.dtype), kernel[da:], 1)
+                + bias.astype(self.dtype))
+
+
 class SamplerStage(nn.Module):
     """One sample-group-aggregate stage. points `[..., N, 2]`, feats `[..., N, C]`, anchor and
     neighbour indices -> (anchor points `[..., M, 2]`, pooled feats `[..., M, C]`)."""
@@ -178,8 +200,9 @@ class SamplerStage(nn.Module):
         anc = jnp.concatenate([anchor_feats, anchors.astype(anchor_feats.dtype)], axis=-1)[..., None, :]
         local = jnp.concatenate([nb_feats, nb_points.astype(nb_feats.dtype)], axis=-1)
         diff = torch_dense(c + 2, c + 2, (None, None), self.dtype, "diff")(local - anc)
-        g = jnp.concatenate([diff, jnp.broadcast_to(anc, diff.shape).astype(diff.dtype)], axis=-1)
-        h = torch_dense(c, 2 * c + 4, (None, "embed"), self.dtype, "agg")(g)
+        # Linear over [diff, anchor] per neighbour (SPEC Appendix A), the anchor's half once per anchor
+        h = BroadcastPairDense(c, (None, "embed"), self.dtype, torch_kernel_init(), torch_bias_init(2 * c + 4),
+                               name="agg")(diff, anc)
         h = layers.LayerNorm(self.eps, self.dtype, name="norm")(jax.nn.relu(h))
         return anchors, jnp.max(h, axis=-2)
 
