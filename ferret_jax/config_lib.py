@@ -187,7 +187,12 @@ DEMO_WARMUP = {
     # The longest text of a demo-world conversation (2 questions, 2 boxes per answer) is ~160
     # tokens. The head that copies the shape word from the question formed after ~200 steps of an
     # 800-step run; a 400-step run (its lr decaying twice as fast) ended without it.
-    "language": dict(steps=800, batch_size=16, lr=3e-3, max_length=176, caption_share=0.25),
+    # Induction first (random sequences of the world's 66 token ids, repeated): without it a
+    # referring answer could start on one option's colour and end on the other's shape. It forms
+    # after a plateau, ~600 steps into a 2000-step schedule; 1000- and 1400-step schedules decay
+    # before it ends in some seeds (DEMO_RUNS.md).
+    "language": dict(steps=800, batch_size=16, lr=3e-3, max_length=176, caption_share=0.25,
+                     induction_steps=2000, induction_lr=1e-3),
 }
 DEMO_TRAINABLE = {
     1: ("proj_global/.*",),

@@ -33,7 +33,8 @@ STAGE_RECORDS = 64  # after stages 1 and 2 (progress only)
 
 WARMUP_TRAINS = {"warmup": "clip, dino, sampler (dense patch categories and box digits, region categories); "
                            "proj_global, proj_local start from the heads' box digits",
-                 "language_warmup": "llm (stage-III answers and stage-I captions as text: no images, coordinates scrambled; "
+                 "language_warmup": "llm (an induction phase: random sequences of the world's token ids, repeated; then "
+                                    "stage-III answers and stage-I captions as text: no images, coordinates scrambled; "
                                     "the warmed sampler's features in the referring questions' region slots)"}
 
 
@@ -44,8 +45,8 @@ def stage_trains(stage: int) -> str:
 def warm_up_backbones(size: str, out: str, steps: int | None = None, log=print, seed: int = 0) -> dict:
     """The warm-ups of a synthetic-world size (`demo`, `tiny`), the stand-ins for pretrained
     backbones: CLIP and DINOv2 on dense targets of the size's world, then the LLM on the world's
-    stage-III conversations without images (`config_lib.DEMO_WARMUP`; `steps` overrides both step
-    counts; `seed` their inits, scenes and order). All three are written to `out` for stage 1's
+    stage-III conversations without images, after an induction phase (`config_lib.DEMO_WARMUP`;
+    `steps` overrides every step count; `seed` their inits, scenes and order). All three are written to `out` for stage 1's
     `init.pretrained`. Returns `{'warmup': ..., 'language_warmup': ..., 'seed': seed}` metrics; a
     finished warm-up of the same seed already in `out` is kept (its saved metrics are returned)."""
     if os.path.exists(os.path.join(out, CONFIGS_FILE)):
@@ -59,7 +60,8 @@ def warm_up_backbones(size: str, out: str, steps: int | None = None, log=print, 
     stage3 = config_lib.stage_config(3, size)  # the model with both encoders, the world and format of every stage
     world = evaluate.synthetic_world({"config": {"data": stage3.data.to_dict()}})
     model_config = train.model_config(stage3)
-    settings = {k: dict(v, **({} if steps is None else {"steps": steps})) for k, v in config_lib.DEMO_WARMUP.items()}
+    settings = {k: dict(v, **({} if steps is None else {key: steps for key in ("steps", "induction_steps") if key in v}))
+                for k, v in config_lib.DEMO_WARMUP.items()}
     encoders, dense, region_bank = warmup.warm_up(model_config, world, **settings["dense"], seed=seed,
                                                   log_every=max(1, settings["dense"]["steps"] // 6), log=log)
     tokenizer = text.Tokenizer(model_proto=train.load_tokenizer(stage3, out, model_config.llm.vocab_size))

@@ -426,6 +426,25 @@ def with_region_features(embeddings: jax.Array, batch: dict, bank: jax.Array, re
     return jnp.where((is_region & (label > 0))[..., None], bank[label, pick].astype(embeddings.dtype), embeddings)
 
 
+def induction_batches(ids: np.ndarray, batch_size: int, seed: int, length: int = 24, filler: int = 12) -> Iterator[dict]:
+    """Endless batches of the induction task over `ids`: a random filler (0..`filler` ids), a random
+    sequence of `length` ids, the rest of the filler, then the same sequence again, whose tokens
+    from the second one on (what a copy of the first occurrence predicts) are in the loss.
+    `tokens`, `targets`, `loss_mask` `[B, 2 * length + filler]`, as `text_example`'s."""
+    rng = np.random.default_rng(seed + 23)
+    while True:
+        rows = []
+        for _ in range(batch_size):
+            sequence = rng.choice(ids, length)
+            before = int(rng.integers(0, filler))
+            rows.append(np.concatenate([rng.choice(ids, before), sequence, rng.choice(ids, filler - before), sequence]))
+        tokens = np.stack(rows).astype(np.int32)
+        targets = np.concatenate([tokens[:, 1:], np.zeros((batch_size, 1), np.int32)], 1)
+        loss_mask = np.zeros(tokens.shape, np.float32)
+        loss_mask[:, length + filler : -1] = 1.0  # position i predicts token i + 1
+        yield {"tokens": tokens, "targets": targets, "loss_mask": loss_mask}
+
+
 def language_loss(params, batch: dict, model: Llama, region_bank: jax.Array | None = None,
                   region_id: int = -1) -> tuple[jax.Array, dict]:
     """Mean next-token cross-entropy over the answer tokens, and their accuracy; with a
@@ -444,7 +463,7 @@ def language_loss(params, batch: dict, model: Llama, region_bank: jax.Array | No
 def language_warm_up(
     config: LlamaConfig, world: dict, tokenizer: text.Tokenizer, *, steps: int, batch_size: int, lr: float, max_length: int,
     system_prompt: bool, caption_share: float = 0.0, region_bank: np.ndarray | None = None, seed: int = 0,
-    log_every: int = 50, log: Callable[[str], None] = print,
+    log_every: int = 50, log: Callable[[str], None] = print, induction_steps: int = 0, induction_lr: float = 1e-3,
 ) -> tuple[dict, dict]:
     """Trains the LLM alone on the answers of the world's stage-III conversations (no images,
     scrambled coordinates; a `caption_share` of stage-I captions) for `steps` steps: it learns the answer formats and to take names from
@@ -452,14 +471,31 @@ def language_warm_up(
     Conversations are padded to `max_length` tokens; longer ones are skipped and counted
     (`skipped_too_long`). With a `region_bank` (`warm_up`'s), each referring question's
     `<region_fea>` carries a warmed sampler's feature of the referred category, so the LLM learns
-    to read the region from it before any stage. Returns (`{'llm'}` params for `save_converted`,
-    the `adamw_fit` metrics)."""
+    to read the region from it before any stage. With `induction_steps`, it first trains that many
+    steps at `induction_lr` on `induction_batches` over the ids of the world's texts: the
+    induction heads (continue a sequence as it went before) a pretrained LLM has and a small one
+    forms only after a plateau of several hundred steps. Returns (`{'llm'}` params for
+    `save_converted`, the `adamw_fit` metrics, with the induction phase's last token accuracy)."""
     model = Llama(config)
     skipped = collections.Counter()
     batches = language_dataset(world, tokenizer, batch_size, max_length, seed, system_prompt, skipped, caption_share)
     bank = None if region_bank is None else jnp.asarray(region_bank)
+    init = lambda k, b: model.init(k, b["tokens"][:1])["params"]  # noqa: E731
+    induction = {}
+    if induction_steps:
+        # the ids of the world's texts (a fresh iterator: the conversations' own order is unchanged)
+        first = iter(batches)
+        ids = np.unique(np.concatenate([np.asarray(next(first)["tokens"]).ravel() for _ in range(30)]))
+        ids = ids[ids > 0]
+        inducted, induction = adamw_fit(
+            functools.partial(language_loss, model=model), init, induction_batches(ids, batch_size, seed),
+            steps=induction_steps, lr=induction_lr, seed=seed, tag="llm induction", log_every=log_every, log=log,
+            describe=lambda m: f"repeat loss {m['loss']:.3f} token acc {m['accuracy']:.3f}")
+        induction = {"induction_accuracy": induction["accuracy"], "induction_ids": len(ids), "induction_seconds": induction["seconds"]}
+        init = lambda k, b: inducted  # noqa: E731
     params, result = adamw_fit(functools.partial(language_loss, model=model, region_bank=bank, region_id=tokenizer.region_id),
-                               lambda k, b: model.init(k, b["tokens"][:1])["params"], iter(batches),
+                               init, iter(batches),
                                steps=steps, lr=lr, seed=seed, tag="llm warmup", log_every=log_every, log=log,
                                describe=lambda m: f"answer loss {m['loss']:.3f} token acc {m['accuracy']:.3f}")
-    return {"llm": jax.device_get(params)}, result | {"skipped_too_long": skipped["too_long"]}
+    seconds = result["seconds"] + induction.get("induction_seconds", 0.0)  # both phases
+    return {"llm": jax.device_get(params)}, result | induction | {"seconds": seconds, "skipped_too_long": skipped["too_long"]}

@@ -39,6 +39,7 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     for key in demo.WARMUP_TRAINS:
         warm = saved[key]
         assert warm["steps"] == 3 and warm["seconds"] > 0 and warm["loss"] > 0
+    assert saved["language_warmup"]["induction_ids"] >= 10  # the LLM's induction phase ran, on the world's ids
     # The warm-up's projectors (from its dense heads) reach the stages: stage I leaves proj_local as
     # it is, and stage II starts from it instead of copying proj_global.
     assert saved["warmup"]["projectors_from_heads"]

@@ -284,6 +284,44 @@ def test_language_warm_up_learns_the_answers(warmed, monkeypatch):
     assert jax.tree.structure(params["llm"]) == jax.tree.structure(jax.tree.map(np.asarray, th.init_params(seed=0)["llm"]))
 
 
+def test_induction_batches_repeat_a_sequence_and_score_its_copy():
+    ids = np.array([3, 5, 7, 11, 13, 17, 19, 23])
+    length, filler = 10, 6
+    batch = next(warmup.induction_batches(ids, 4, seed=0, length=length, filler=filler))
+    tokens, targets, mask = batch["tokens"], batch["targets"], batch["loss_mask"]
+    assert tokens.shape == targets.shape == mask.shape == (4, 2 * length + filler)
+    assert set(np.unique(tokens)) <= set(ids.tolist())
+    np.testing.assert_array_equal(targets[:, :-1], tokens[:, 1:])
+    assert (mask.sum(1) == length - 1).all()  # the repeat's tokens after its first
+    for row in range(4):
+        at = np.flatnonzero(mask[row])
+        assert at[0] == length + filler and at[-1] == 2 * length + filler - 2  # from the repeat's first token on
+        repeat = tokens[row, length + filler :]
+        # the repeat copies a sequence that starts within the filler before it
+        assert any((tokens[row, b : b + length] == repeat).all() for b in range(filler)), tokens[row]
+    assert len({tuple(r) for r in tokens}) == 4
+    again = next(warmup.induction_batches(ids, 4, seed=0, length=length, filler=filler))
+    np.testing.assert_array_equal(again["tokens"], tokens)  # deterministic for the seed
+
+
+def test_language_warm_up_starts_the_conversations_from_the_induction_phase(monkeypatch):
+    config = TINY.llm
+    tokenizer = text.Tokenizer(model_proto=th.tokenizer_proto())
+    calls, fit = [], warmup.adamw_fit
+
+    def spy(loss_fn, init_fn, batches, **kw):
+        params, result = fit(loss_fn, init_fn, batches, **kw)
+        calls.append((kw["tag"], init_fn, params))
+        return params, result
+
+    monkeypatch.setattr(warmup, "adamw_fit", spy)
+    _, result = warmup.language_warm_up(config, TINY_WORLD, tokenizer, steps=2, batch_size=4, lr=3e-3, max_length=200,
+                                        system_prompt=False, induction_steps=3, log=lambda _: None)
+    assert [c[0] for c in calls] == ["llm induction", "llm warmup"]
+    assert calls[1][1](None, None) is calls[0][2]  # the conversations start from the induction's params
+    assert 0.0 <= result["induction_accuracy"] <= 1.0 and 10 <= result["induction_ids"] < config.vocab_size
+
+
 def test_the_sampler_learns_the_regions_categories_through_the_region_head():
     """On one fixed batch, 30 AdamW steps of the dense loss cut the regions' cross-entropy by more
     than half: the gradient reaches the sampler and its features come to tell the objects apart."""
