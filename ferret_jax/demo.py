@@ -46,8 +46,8 @@ def warm_up_backbones(size: str, out: str, steps: int | None = None, log=print, 
     """The warm-ups of a synthetic-world size (`demo`, `tiny`), the stand-ins for pretrained
     backbones: CLIP and DINOv2 on dense targets of the size's world, then the LLM on the world's
     stage-III conversations without images, after an induction phase (`config_lib.DEMO_WARMUP`;
-    `steps` overrides every step count; `seed` their inits, scenes and order). All three are written to `out` for stage 1's
-    `init.pretrained`. Returns `{'warmup': ..., 'language_warmup': ..., 'seed': seed}` metrics; a
+    `steps` overrides every step count; `seed` their inits, scenes and order). All three are
+    written to `out` for stage 1's `init.pretrained`. Returns `{'warmup': ..., 'language_warmup': ..., 'seed': seed}` metrics; a
     finished warm-up of the same seed already in `out` is kept (its saved metrics are returned)."""
     if os.path.exists(os.path.join(out, CONFIGS_FILE)):
         with open(os.path.join(out, CONFIGS_FILE)) as f:

@@ -491,7 +491,8 @@ def language_warm_up(
             functools.partial(language_loss, model=model), init, induction_batches(ids, batch_size, seed),
             steps=induction_steps, lr=induction_lr, seed=seed, tag="llm induction", log_every=log_every, log=log,
             describe=lambda m: f"repeat loss {m['loss']:.3f} token acc {m['accuracy']:.3f}")
-        induction = {"induction_accuracy": induction["accuracy"], "induction_ids": len(ids), "induction_seconds": induction["seconds"]}
+        induction = {"induction_accuracy": induction["accuracy"], "induction_ids": len(ids),
+                     "induction_seconds": induction["seconds"]}
         init = lambda k, b: inducted  # noqa: E731
     params, result = adamw_fit(functools.partial(language_loss, model=model, region_bank=bank, region_id=tokenizer.region_id),
                                init, iter(batches),
