@@ -104,10 +104,18 @@ def example_config(config, model_config) -> ex.ExampleConfig:
 
 
 def load_tokenizer(config, workdir: str, vocab_size: int) -> bytes:
-    """The run's SentencePiece model: kept in the workdir so a resumed run tokenizes identically."""
+    """The run's SentencePiece model: kept in the workdir so a resumed run tokenizes identically.
+
+    A generated one (`data.tokenizer='synthetic'`) comes from the directory of the weights the run
+    starts from (`init.resume`, `init_from`, `pretrained`, in that order) when it holds one: those
+    weights learned its ids, and a corpus changed since would generate another."""
     path = epath.Path(workdir) / TOKENIZER_FILE
+    starts_from = [epath.Path(d) / TOKENIZER_FILE for d in (config.init.resume, config.init.init_from, config.init.pretrained) if d]
+    inherited = [p for p in starts_from if p.exists()]
     if path.exists():
         proto = path.read_bytes()
+    elif config.data.tokenizer == "synthetic" and inherited:
+        proto = inherited[0].read_bytes()
     elif config.data.tokenizer == "synthetic":
         proto = mixture.synthetic_tokenizer(vocab_size - 1)
     elif config.data.tokenizer and os.path.isfile(config.data.tokenizer):

@@ -11,7 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from data_pipelines import pipeline
+from data_pipelines import mixture, pipeline
 from ferret_jax import checkpoint, config_lib, export, train
 from tests import train_helpers as th
 
@@ -131,3 +131,19 @@ def test_export_params_only(tmp_path, stage_runs):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(jnp.asarray(w, jnp.bfloat16)))
     with pytest.raises(FileExistsError):
         export.export(stage_runs[3], str(out))
+
+
+def test_a_generated_tokenizer_comes_with_the_weights_it_starts_from(tmp_path, proto):
+    """A synthetic run starting from a directory that holds a tokenizer uses that one (its weights
+    learned those ids), not a freshly generated one; the workdir's own tokenizer wins on resume."""
+    vocab = config_lib.backbones("tiny")["llm"].vocab_size
+    other = mixture.synthetic_tokenizer(vocab - 1, scenes=30)  # another corpus of the same world: other pieces
+    assert other != proto
+    start = th.prepare(tmp_path / "warmup", other)
+    for key in ("init.pretrained", "init.init_from", "init.resume"):
+        workdir = tmp_path / key
+        assert train.load_tokenizer(th.config(1, **{key: start}), str(workdir), vocab) == other, key
+        assert (workdir / train.TOKENIZER_FILE).read_bytes() == other  # kept for a resumed run
+    assert train.load_tokenizer(th.config(1), str(tmp_path / "fresh"), vocab) == proto  # nothing to start from: generated
+    own = th.prepare(tmp_path / "own", proto)
+    assert train.load_tokenizer(th.config(1, **{"init.pretrained": start}), own, vocab) == proto
