@@ -108,6 +108,7 @@ def _evaluate(workdir: str, out: str, records: int, max_length: int) -> dict:
     return {"grounding_acc50": grounding["acc50"], "grounding_mean_iou": grounding["mean_iou"],
             "grounding_acc50_by_objects": grounding["acc50_by_objects"],
             "grounding_other_object_rate": grounding["other_object_rate"],
+            "grounding_acc50_by_raster_rank": grounding["acc50_by_raster_rank"],
             "referring_acc": referring["accuracy"], "eval_records": records}
 
 
@@ -115,9 +116,14 @@ def _shown(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def _by_number(rates: dict) -> str:
+    """'0.400 / 0.070': rates keyed by 1, 2, ... (ints, or strings once read back from JSON) in that order."""
+    return " / ".join(_shown(v) for _, v in sorted(rates.items(), key=lambda kv: int(kv[0])))
+
+
 def by_objects(scores: dict) -> str:
     """'0.400 / 0.070': grounding Acc@0.5 on scenes of 1, 2, ... objects."""
-    return " / ".join(_shown(v) for _, v in sorted(scores["grounding_acc50_by_objects"].items(), key=lambda kv: int(kv[0])))
+    return _by_number(scores["grounding_acc50_by_objects"])
 
 
 def grounded_picture(workdir: str, path: str, world: dict, count: int = 8) -> None:
@@ -181,8 +187,10 @@ def run(out: str, quick: bool = False, log=print, seed: int = 0) -> dict:
         scores = _evaluate(workdir, os.path.join(out, f"eval_stage{stage}"), records, eval_length)
         results[f"stage{stage}"] = {"trains": stage_trains(stage), "steps": config.total_steps,
                                     **scores, "seconds": time.time() - t0}
+        ranks = _by_number(scores["grounding_acc50_by_raster_rank"])
         log(f"[demo] stage {stage}: grounding Acc@0.5 {scores['grounding_acc50']:.3f} (scenes of 1 / 2 objects "
-            f"{by_objects(scores)}; another object boxed {_shown(scores['grounding_other_object_rate'])}), "
+            f"{by_objects(scores)}; of 2, the asked object first / second in raster order {ranks or '-'}; "
+            f"another object boxed {_shown(scores['grounding_other_object_rate'])}), "
             f"referring acc {scores['referring_acc']:.3f} ({records} held-out images each)")
         init_from = workdir
     results["baseline_constant_box_acc50"] = constant_box_baseline(world, 8 if quick else FINAL_RECORDS)

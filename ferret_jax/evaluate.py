@@ -239,17 +239,23 @@ def grounding_by_scene(samples: Sequence[dict], records: Sequence[dict]) -> dict
     Records need `other_boxes` (the scene's other objects, pixels); `samples` are `rec_accuracy`'s.
     Returns `acc50_by_objects` ({objects in the scene: Acc@0.5}) and `other_object_rate`: the share
     of answers in scenes of several objects whose box has IoU >= 0.5 with another object than the
-    one asked for (it picked the wrong object), None without such scenes.
+    one asked for (it picked the wrong object), None without such scenes; and
+    `acc50_by_raster_rank`: Acc@0.5 in those scenes by where the asked object comes in raster order
+    (`tasks.raster_order`: 1 = first), the order of the visual tokens. A model that picks objects
+    by name scores the ranks alike; one that reads whichever object comes first does not.
     """
     _check_lengths(samples, records)
-    hits, wrong, crowded = collections.defaultdict(list), 0, 0
+    hits, by_rank, wrong, crowded = collections.defaultdict(list), collections.defaultdict(list), 0, 0
     for s, r in zip(samples, records):
         hits[1 + len(r["other_boxes"])].append(s["correct"])
         if r["other_boxes"]:
             crowded += 1
             wrong += any(iou(s["box"], b) >= IOU_THRESHOLD for b in r["other_boxes"])
+            key = (r["box"][1], r["box"][0])
+            by_rank[1 + sum((b[1], b[0]) < key for b in r["other_boxes"])].append(s["correct"])
     return {"acc50_by_objects": {n: _rate(sum(h), len(h)) for n, h in sorted(hits.items())},
-            "other_object_rate": _rate(wrong, crowded) if crowded else None}
+            "other_object_rate": _rate(wrong, crowded) if crowded else None,
+            "acc50_by_raster_rank": {n: _rate(sum(h), len(h)) for n, h in sorted(by_rank.items())}}
 
 
 def score(task: str, predictions: Sequence[str], records: Sequence[dict]) -> tuple[dict, list[dict]]:

@@ -31,7 +31,9 @@ def test_quick_demo_runs_end_to_end(tmp_path):
         r = saved[f"stage{stage}"]
         assert 0 <= r["grounding_acc50"] <= 1 and 0 <= r["referring_acc"] <= 1 and r["seconds"] > 0
         assert set(r["grounding_acc50_by_objects"]) <= {"1", "2"} and r["grounding_acc50_by_objects"]
-        assert all(v is None or 0 <= v <= 1 for v in (*r["grounding_acc50_by_objects"].values(), r["grounding_other_object_rate"]))
+        assert all(v is None or 0 <= v <= 1 for v in (*r["grounding_acc50_by_objects"].values(), r["grounding_other_object_rate"],
+                                                      *r["grounding_acc50_by_raster_rank"].values()))
+        assert set(r["grounding_acc50_by_raster_rank"]) <= {"1", "2"}
         assert r["trains"] == {1: "proj_global", 2: "proj_global, proj_local, sampler, llm", 3: "everything"}[stage]
     assert 0 <= saved["baseline_constant_box_acc50"] <= 1 and saved["chance_referring_acc"] == 0.5
     with Image.open(tmp_path / "grounded.png") as im:

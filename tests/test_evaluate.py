@@ -241,8 +241,17 @@ def test_grounding_by_scene_on_known_answers():
     assert metrics["acc50"] == pytest.approx(2 / 5)
     assert metrics["acc50_by_objects"] == {1: 0.5, 2: pytest.approx(1 / 3)}
     assert metrics["other_object_rate"] == pytest.approx(1 / 3)
+    # the asked object (top left) comes first in raster order in every crowded scene
+    assert metrics["acc50_by_raster_rank"] == {1: pytest.approx(1 / 3)}
     alone = E.grounding_by_scene(samples[:2], records[:2])
-    assert alone == {"acc50_by_objects": {1: 0.5}, "other_object_rate": None}
+    assert alone == {"acc50_by_objects": {1: 0.5}, "other_object_rate": None, "acc50_by_raster_rank": {}}
+    # asked second: below the other object, or level with it and to its right
+    below = {"box": other, "other_boxes": [asked], "image": np.zeros((40, 40, 3), np.uint8)}
+    right = {"box": (20, 0, 29, 9), "other_boxes": [asked], "image": np.zeros((40, 40, 3), np.uint8)}
+    first = {"box": asked, "other_boxes": [other, (20, 0, 29, 9)], "image": np.zeros((40, 40, 3), np.uint8)}
+    # each answers the top-left object: right where it was asked, wrong where it was not
+    ranked, _ = E.score("synthetic_grounding", ["a [0, 0, 249, 249]"] * 3, [below, right, first])
+    assert ranked["acc50_by_raster_rank"] == {1: 1.0, 2: 0.0}
     with pytest.raises(ValueError, match="predictions"):
         E.grounding_by_scene(samples, records[:2])
 
