@@ -47,6 +47,12 @@ previous-token heads a lookup by the tokens before "[" needs; `--pairs N` N step
 key recall ("a b [ v" eight times, then again in another order, the values in the loss; the keys
 colour-shape names, or with `--pairs-generic` any two tokens). `--question-first` puts the
 question before the patch features (the answer after them), so each patch can see the name.
+`--features checkpoint --checkpoint DIR` replaces the clean features by a trained model's own: the
+36 projected global visual tokens (`proj_global` of CLIP's 6x6 patches, frozen) of scenes of the
+world it was trained on (8000 training scenes, 600 held-out ones), the asked object and its box
+(on the 0..999 canvas) from the scene; `--clean-boxes` (`--clean-colours`) appends to each of those
+tokens the clean box digits (colour one-hot) of the object under the patch's centre, as the
+clean features show them.
 
   python benchmarks/probe_name_lookup.py [--layers 3 --heads 4 --hidden 128 --steps 1800 --batch 8]
 
@@ -148,10 +154,83 @@ def x1_only(weights: np.ndarray) -> np.ndarray:
     return out
 
 
+def checkpoint_scenes(checkpoint: str, split: str, count: int, seed: int) -> dict:
+    """`--features checkpoint`: `count` scenes of 1-2 objects of different names from the world the
+    checkpoint was trained on; per scene its projected global visual tokens `features [36, D]`, the
+    asked object's `category` and `box`, and the other object's box (`other`, -1 where none)."""
+    from data_pipelines import example as ex
+    from data_pipelines import synthetic, text
+    from ferret_jax import evaluate
+
+    model, params, tokenizer, example_config = evaluate.load_model(checkpoint)
+    world = evaluate.synthetic_world(evaluate.source_meta(checkpoint)) or {}
+    if model.config.global_grid != GRID:
+        raise ValueError(f"{checkpoint}: a {model.config.global_grid}x{model.config.global_grid} global grid, the probe needs {GRID}x{GRID}")
+    encode = jax.jit(lambda p, images: model.apply({"params": p}, images, images[:, None], method=model.encode_images)[2])
+    source = synthetic.SyntheticSource(split, 4 * count, seed, **world)
+    rng = np.random.default_rng(seed)
+    images, category, box, other, other_category = [], [], [], [], []
+    for i in range(len(source)):
+        scene = source[i]["scene"]
+        objects = scene.objects
+        if len(objects) > 2 or len({o.name for o in objects}) < len(objects):
+            continue
+        width, height = scene.size
+
+        def canvas(b):
+            return [text.to_canvas(b[0], width), text.to_canvas(b[1], height), text.to_canvas(b[2], width), text.to_canvas(b[3], height)]
+
+        k = int(rng.integers(len(objects)))
+        category_of = [list(synthetic.COLOURS).index(o.colour) * SHAPES + synthetic.SHAPES.index(o.shape) for o in objects]
+        category.append(category_of[k])
+        box.append(canvas(objects[k].box))
+        other.append(canvas(objects[1 - k].box) if len(objects) == 2 else [-1] * 4)
+        other_category.append(category_of[1 - k] if len(objects) == 2 else -1)
+        built = ex.build_example(scene.image, [("human", "x"), ("gpt", "y")], [], tokenizer, example_config, rng)
+        images.append(built["global_image"])
+        if len(images) == count:
+            break
+    images = np.stack(images)
+    features = np.concatenate([np.asarray(encode(params, images[i : i + 64])) for i in range(0, len(images), 64)])
+    return {"features": features, "category": np.array(category), "box": np.array(box), "other": np.array(other),
+            "other_category": np.array(other_category)}
+
+
+def checkpoint_example(rng: np.random.Generator, args, pool: dict) -> dict:
+    """`--features checkpoint`: one scene of `pool` (`checkpoint_scenes`) in `example`'s fields."""
+    i = int(rng.integers(len(pool["category"])))
+    category, box = int(pool["category"][i]), [int(v) for v in pool["box"][i]]
+    other = None if pool["other"][i][0] < 0 else [int(v) for v in pool["other"][i]]
+    features = pool["features"][i]
+    if args.clean_boxes or args.clean_colours:  # clean facts of the object under each patch's centre
+        centres = (np.arange(GRID) + 0.5) / GRID * 1000
+        cx, cy = np.meshgrid(centres, centres)  # [row, col], raster order as the tokens
+        clean = np.zeros((GRID, GRID, 4 * 20 + COLOURS), np.float32)
+        objects = [(category, box)] + ([(int(pool["other_category"][i]), other)] if other else [])
+        for c_object, b in objects:
+            inside = (cx >= b[0]) & (cx <= b[2]) & (cy >= b[1]) & (cy <= b[3])
+            if args.clean_boxes:
+                for c, v in enumerate(b):
+                    clean[inside, 20 * c + v // 100] = clean[inside, 20 * c + 10 + (v // 10) % 10] = 1
+            if args.clean_colours:
+                clean[inside, 4 * 20 + c_object // SHAPES] = 1
+        features = np.concatenate([features, 10 * clean.reshape(GRID * GRID, -1)], -1)
+    name, opener = name_tokens(category, args.query, args.opener)
+    question = [1, 2, 3, 4, 5] + name_tokens(category, args.query)[0] + [6, 3, 7, 8]
+    question = question + [0] * (QUESTION - len(question))
+    answer = [0] * (2 - len(name)) + name + [opener] + box_tokens(box) + [WORDS.index("<eos>")]
+    weights = [0.0] * QUESTION + [1.0] * len(answer)
+    weights[QUESTION : QUESTION + 2 - len(name)] = [0.0] * (2 - len(name))
+    return dict(features=features, patch_ids=np.zeros((GRID * GRID, 2), np.int32), prefix=np.zeros(TEXT_PREFIX, np.int32),
+                tokens=np.array(question + answer, np.int32), weights=np.array(weights, np.float32), box=box, other=other)
+
+
 def example(rng: np.random.Generator, args) -> dict:
     """One scene: features `[36, FEATURES]`, patch ids `[36, 2]` (added to the patches with `--query
     category`), the objects written as text `[38]` (`--text-warmup`), tokens `[T]`, loss weights
     `[T]`, the asked box and the other object's (or None)."""
+    if args.features == "checkpoint":
+        return checkpoint_example(rng, args, args.scenes)
     objects = place_objects(rng, args.distinct)
     features = np.zeros((GRID, GRID, FEATURES), np.float32)
     features[..., 0] = 1
@@ -314,8 +393,14 @@ def main() -> None:
                    help="the token before x1 (it writes x1's first digit): the category token for a category query "
                         "and '[' for a name (default), always '[' (bracket), '<shape> [' as one token (shape), "
                         "'<colour> <shape> [' as one token (name), or the shape word then '<colour> [' (colour)")
-    p.add_argument("--features", choices=("category", "factored"), default="category",
-                   help="a patch shows its object's category one-hot, or its colour and its shape one-hot apart")
+    p.add_argument("--features", choices=("category", "factored", "checkpoint"), default="category",
+                   help="a patch shows its object's category one-hot, or its colour and its shape one-hot apart, or "
+                        "is a trained model's projected global visual token (--checkpoint)")
+    p.add_argument("--checkpoint", default="", help="a demo-world training workdir (--features checkpoint)")
+    p.add_argument("--clean-boxes", action="store_true",
+                   help="--features checkpoint: append each patch's clean box digits to the model's tokens")
+    p.add_argument("--clean-colours", action="store_true",
+                   help="--features checkpoint: append each patch's clean colour one-hot to the model's tokens")
     p.add_argument("--noise", type=float, default=0.0, help="share of object patches whose category feature is random")
     p.add_argument("--first-weight", type=float, default=1.0)
     p.add_argument("--x1-share", type=float, default=0.0,
@@ -340,6 +425,10 @@ def main() -> None:
     args = p.parse_args()
     if args.opener in ("shape", "name", "colour") and args.query != "name":
         p.error(f"--opener {args.opener} rewrites a two-word name: use it with --query name")
+    if (args.features == "checkpoint") != bool(args.checkpoint):
+        p.error("--features checkpoint and --checkpoint DIR go together")
+    if args.features == "checkpoint" and (args.query != "name" or args.text_warmup or args.curriculum or args.questions > 1):
+        p.error("--features checkpoint asks one two-word name per scene: no --query, --text-warmup, --curriculum, --questions")
 
     vocab = WIDE_VOCAB if args.opener in ("name", "colour") else VOCAB
     positions = max(128, 40 + 32 * args.questions, 2 * ENTRY * args.dense_objects)
@@ -349,7 +438,15 @@ def main() -> None:
     model = Probe(config, args.question_first)
     rng = np.random.default_rng(args.seed)
     x1_rng = np.random.default_rng(args.seed + 1)
+    if args.features == "checkpoint":
+        t0 = time.time()
+        args.scenes = checkpoint_scenes(args.checkpoint, "train", 8000, args.seed)
+        held_out_scenes = checkpoint_scenes(args.checkpoint, "test", 600, 0)
+        print(f"checkpoint features of 8000 + 600 scenes in {time.time() - t0:.0f}s", flush=True)
+
     def held_out_set(phase_args):  # the same 512 scenes in each phase's format
+        if args.features == "checkpoint":
+            phase_args = argparse.Namespace(**{**vars(phase_args), "scenes": held_out_scenes})
         return batch(np.random.default_rng(10_000 + args.seed), 512, phase_args)
 
     sample, _ = batch(np.random.default_rng(0), 1, args)
@@ -449,7 +546,7 @@ def main() -> None:
                       f"asked object picked {s['asked_object_picked']} | {time.time() - start:.0f}s", flush=True)
         if label:
             earlier[f"{label.strip()}_scores"] = s
-    print(json.dumps({**vars(args), **s, **earlier, "seconds": round(time.time() - start, 1)}))
+    print(json.dumps({**{k: v for k, v in vars(args).items() if k != "scenes"}, **s, **earlier, "seconds": round(time.time() - start, 1)}))
 
 
 if __name__ == "__main__":
