@@ -215,14 +215,32 @@ def checkpoint_example(rng: np.random.Generator, args, pool: dict) -> dict:
             if args.clean_colours:
                 clean[inside, 4 * 20 + c_object // SHAPES] = 1
         features = np.concatenate([features, 10 * clean.reshape(GRID * GRID, -1)], -1)
+    tokens, weights = grounding_turn(category, box, args)
+    return dict(features=features, patch_ids=np.zeros((GRID * GRID, 2), np.int32), prefix=np.zeros(TEXT_PREFIX, np.int32),
+                tokens=np.array(tokens, np.int32), weights=loss_weights(weights, args), box=box, other=other)
+
+
+def grounding_turn(category: int, box: list[int], args) -> tuple[list[int], list[float]]:
+    """The question about one object and its answer: tokens and loss weights (the answer's)."""
     name, opener = name_tokens(category, args.query, args.opener)
-    question = [1, 2, 3, 4, 5] + name_tokens(category, args.query)[0] + [6, 3, 7, 8]
-    question = question + [0] * (QUESTION - len(question))
+    asked = name_tokens(category, args.query)[0]
+    if args.ask == "colour":  # the question names the colour alone; the answer's shape word comes from the image
+        asked = asked[:1]
+    question = [1, 2, 3, 4, 5] + asked + [6, 3, 7, 8]
+    question = question + [0] * (QUESTION - len(question))  # one name token: pad to the same layout
     answer = [0] * (2 - len(name)) + name + [opener] + box_tokens(box) + [WORDS.index("<eos>")]
     weights = [0.0] * QUESTION + [1.0] * len(answer)
-    weights[QUESTION : QUESTION + 2 - len(name)] = [0.0] * (2 - len(name))
-    return dict(features=features, patch_ids=np.zeros((GRID * GRID, 2), np.int32), prefix=np.zeros(TEXT_PREFIX, np.int32),
-                tokens=np.array(question + answer, np.int32), weights=np.array(weights, np.float32), box=box, other=other)
+    weights[QUESTION : QUESTION + 2 - len(name)] = [0.0] * (2 - len(name))  # the padding before a one-token name
+    return question + answer, weights
+
+
+def loss_weights(weights: list[float], args) -> np.ndarray:
+    """`--loss x1` or `--first-weight` applied to a scene's answer weights."""
+    weights = np.array(weights, np.float32)
+    if args.loss == "x1":
+        return x1_only(weights)
+    weights[[FIRST_DIGIT + o for o in (0, 1, 2, 4, 5, 6)]] *= args.first_weight
+    return weights
 
 
 def example(rng: np.random.Generator, args) -> dict:
@@ -271,25 +289,13 @@ def example(rng: np.random.Generator, args) -> dict:
     # follow the first (the one scored), each a choice of its own
     turns = [int(rng.integers(len(objects))) for _ in range(args.questions)]
     for k in turns:
-        name, opener = name_tokens(objects[k][0], args.query, args.opener)
-        asked = name_tokens(objects[k][0], args.query)[0]
-        if args.ask == "colour":  # the question names the colour alone; the answer's shape word comes from the image
-            asked = asked[:1]
-        question = [1, 2, 3, 4, 5] + asked + [6, 3, 7, 8]
-        question = question + [0] * (QUESTION - len(question))  # one name token: pad to the same layout
-        answer = [0] * (2 - len(name)) + name + [opener] + box_tokens(boxes[k]) + [WORDS.index("<eos>")]
-        w = [0.0] * QUESTION + [1.0] * len(answer)
-        w[QUESTION : QUESTION + 2 - len(name)] = [0.0] * (2 - len(name))  # the padding before a one-token name
-        tokens += question + answer
-        weights += w
+        turn_tokens, turn_weights = grounding_turn(objects[k][0], boxes[k], args)
+        tokens += turn_tokens
+        weights += turn_weights
     k = turns[0]
-    weights = np.array(weights, np.float32)
-    if args.loss == "x1":
-        weights = x1_only(weights)
-    else:
-        weights[[FIRST_DIGIT + o for o in (0, 1, 2, 4, 5, 6)]] *= args.first_weight
     return dict(features=features.reshape(-1, FEATURES), patch_ids=patch_ids.reshape(-1, 2), prefix=np.array(prefix, np.int32),
-                tokens=np.array(tokens, np.int32), weights=weights, box=boxes[k], other=boxes[1 - k] if len(objects) == 2 else None)
+                tokens=np.array(tokens, np.int32), weights=loss_weights(weights, args), box=boxes[k],
+                other=boxes[1 - k] if len(objects) == 2 else None)
 
 
 def dense_text_batch(rng: np.random.Generator, n: int, k: int) -> dict:
