@@ -5,7 +5,7 @@ already say what is where; the CPU demo's encoders start from random weights. Th
 supervised run gives them that property on the synthetic world before stage I: every patch of
 every view (CLIP's global view, DINOv2's tiles) predicts, through a linear head, the category of
 the object under its centre (or background) and that object's box in the view's coordinates,
-quantized like Pix2Seq: the first two digits of each 0-999 coordinate as 10-way classes. The
+quantized like Pix2Seq: the leading (hundreds) digit of each 0-999 coordinate as a 10-way class. The
 sampler learns alongside, on the encoders' raw features, to tell each object's category from a
 point, box or free-form region on it: trained only through the LLM in the stages, its region
 features had not encoded the shape at all (a linear probe read it at chance after stage III).
@@ -54,7 +54,10 @@ from ferret_jax.models.llama import Llama, LlamaConfig
 from ferret_jax.models.sampler import Sampler
 
 MAX_TEXT_REGIONS = 4  # `<region_fea>` slots per language warm-up conversation that can carry a feature
-DIGITS = 2  # leading digits of each 0-999 coordinate predicted per patch (hundreds, tens)
+# Leading digits of each 0-999 coordinate predicted per patch: the hundreds alone. A tens digit is
+# half a pixel of the demo's 48-pixel views; predicting it too left the heads' first digit 61-76%
+# right (70-84% without) and put 40 near-noise logits into the projectors' box code (DEMO_RUNS.md).
+DIGITS = 1
 
 
 def view_windows(grid: Sequence[int], max_tiles: int) -> np.ndarray:

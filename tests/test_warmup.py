@@ -16,6 +16,7 @@ from data_pipelines import synthetic, text
 from data_pipelines.example import ExampleError
 from ferret_jax import config_lib, train, warmup
 from ferret_jax.convert import load_converted, save_converted
+from ferret_jax.models.ferret import ProjectorConfig
 from tests import train_helpers as th
 
 TINY = config_lib.ferret_config("tiny")  # 28-pixel views, 2x2 patches, up to 4 tiles
@@ -74,9 +75,10 @@ def test_box_digits_are_the_leading_digits_of_the_text_coordinates():
     from data_pipelines import text
 
     box = np.array([[0.5, 0.0, 0.9999, 0.1234]], np.float32)
-    np.testing.assert_array_equal(warmup.box_digits(box)[0], [[5, 0], [0, 0], [9, 9], [1, 2]])
+    assert warmup.DIGITS == 1  # the hundreds digit of each coordinate
+    np.testing.assert_array_equal(warmup.box_digits(box)[0], [[5], [0], [9], [1]])
     # an edge at the view's border (1.0, as clipped tile boxes have) is the last canvas value, 999
-    np.testing.assert_array_equal(warmup.box_digits(np.array([[1.0, 0, 0, 1.0]]))[0], [[9, 9], [0, 0], [0, 0], [9, 9]])
+    np.testing.assert_array_equal(warmup.box_digits(np.array([[1.0, 0, 0, 0.0999]]))[0], [[9], [0], [0], [0]])
     # the same numbers `text.box_text` writes for the inclusive pixel box of a 1000-wide image
     assert text.box_text((500, 0, 999.9, 123.4), 1000, 1000) == "[500, 0, 999, 123]"
 
@@ -85,7 +87,9 @@ def test_box_digits_are_the_leading_digits_of_the_text_coordinates():
 def warmed(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("warmup") / "backbones")
     encoders, result, bank = warmup.warm_up(TINY, TINY_WORLD, steps=40, batch_size=16, lr=3e-3, log=lambda _: None)
-    save_converted(out, {"clip": TINY.clip, "dino": TINY.dino, "sampler": TINY.sampler}, encoders)
+    width = TINY.llm.hidden_size
+    projectors = {"proj_global": ProjectorConfig(TINY.clip.hidden_size, width), "proj_local": ProjectorConfig(TINY.dino.hidden_size, width)}
+    save_converted(out, {"clip": TINY.clip, "dino": TINY.dino, "sampler": TINY.sampler, **projectors}, encoders)
     return out, result, bank
 
 
@@ -93,8 +97,8 @@ def test_warm_up_learns(warmed):
     _, result, _ = warmed
     assert result["loss"] < 0.75 * result["initial_loss"], result
     assert result["steps"] == 40 and result["seconds"] > 0
-    # the tiny heads' 80 digit logits are more than its LLM's width (64)
-    assert not result["projectors_from_heads"]
+    # the tiny heads' 40 digit logits fit its LLM's width (64)
+    assert result["projectors_from_heads"]
 
 
 def test_projector_from_head_starts_fc1_as_the_centred_head():
@@ -124,16 +128,17 @@ def test_projector_from_head_starts_fc1_as_the_centred_head():
 def test_projectors_start_from_the_heads_box_digit_logits_alone():
     rng = np.random.default_rng(1)
     labels, channels = 5, 12
-    heads = {name: {"kernel": rng.normal(size=(channels, labels + 80)).astype(np.float32),
-                    "bias": rng.normal(size=labels + 80).astype(np.float32)} for name in ("clip_head", "dino_head")}
+    n = 40 * warmup.DIGITS  # 10 logits per digit of each of the 4 coordinates
+    heads = {name: {"kernel": rng.normal(size=(channels, labels + n)).astype(np.float32),
+                    "bias": rng.normal(size=labels + n).astype(np.float32)} for name in ("clip_head", "dino_head")}
     key = jax.random.key(7)
     projectors = warmup.projectors_from_heads(heads, labels, 96, key)
     assert set(projectors) == {"proj_global", "proj_local"}
     for name, head in (("proj_global", "clip_head"), ("proj_local", "dino_head")):
         digits = heads[head]["kernel"][:, labels:]  # the category logits stay out
-        centred = np.concatenate([g - g.mean(-1, keepdims=True) for g in np.split(digits, 8, axis=-1)], -1)
-        np.testing.assert_allclose(projectors[name]["fc1"]["kernel"][:, :80], centred, rtol=1e-5, atol=1e-6)
-    assert warmup.projectors_from_heads(heads, labels, 64, key) == {}  # 80 logits do not fit 64 units
+        centred = np.concatenate([g - g.mean(-1, keepdims=True) for g in np.split(digits, n // 10, axis=-1)], -1)
+        np.testing.assert_allclose(projectors[name]["fc1"]["kernel"][:, :n], centred, rtol=1e-5, atol=1e-6)
+    assert warmup.projectors_from_heads(heads, labels, n - 1, key) == {}  # the logits do not fit n - 1 units
 
 
 def test_text_example_supervises_the_answers_of_the_conversation_without_its_image():
@@ -339,8 +344,9 @@ def test_the_sampler_learns_the_regions_categories_through_the_region_head():
 
 
 def test_stage1_starts_from_the_warmed_backbones(tmp_path, warmed):
-    """`init.pretrained` with a dir holding clip, dino and the sampler: those load, the LLM keeps its
-    random init; the tiny stage I freezes all four, so they are bit-identical after training."""
+    """`init.pretrained` with a dir holding clip, dino, the sampler and the projectors: those load,
+    the LLM keeps its random init; the tiny stage I trains only `proj_global`, so the others are
+    bit-identical after training."""
     out, _, _ = warmed
     workdir = th.prepare(tmp_path / "stage1", th.tokenizer_proto())
     train.train(th.config(1, total_steps=2, **{"init.pretrained": out}), workdir)
@@ -348,7 +354,7 @@ def test_stage1_starts_from_the_warmed_backbones(tmp_path, warmed):
     _, loaded = load_converted(out)
     random_init = jax.tree.map(np.asarray, th.init_params(seed=0))
     for key, expected in (("clip", loaded["clip"]), ("dino", loaded["dino"]), ("sampler", loaded["sampler"]),
-                          ("llm", random_init["llm"])):
+                          ("proj_local", loaded["proj_local"]), ("llm", random_init["llm"])):
         same = jax.tree.map(lambda a, b: th.same_bits(np.asarray(a), np.asarray(b)), params[key], expected)
         assert all(jax.tree.leaves(same)), key
     assert not all(jax.tree.leaves(jax.tree.map(lambda a, b: th.same_bits(a, np.asarray(b)),
