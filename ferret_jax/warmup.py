@@ -5,7 +5,9 @@ already say what is where; the CPU demo's encoders start from random weights. Th
 supervised run gives them that property on the synthetic world before stage I: every patch of
 every view (CLIP's global view, DINOv2's tiles) predicts, through a linear head, the category of
 the object under its centre (or background) and that object's box in the view's coordinates,
-quantized like Pix2Seq: the leading (hundreds) digit of each 0-999 coordinate as a 10-way class. The
+quantized like Pix2Seq: the leading (hundreds) digit of each 0-999 coordinate as a 10-way class;
+a background patch, which has no box, has its digit logits pushed flat (KL to uniform), so the box
+code below is ~0 off the objects and an average over the image is the objects' code. The
 sampler learns alongside, on the encoders' raw features, to tell each object's category from a
 point, box or free-form region on it: trained only through the LLM in the stages, its region
 features had not encoded the shape at all (a linear probe read it at chance after stage III).
@@ -175,7 +177,8 @@ class DenseHeads(nn.Module):
 
 
 def _view_loss(out: jax.Array, label: jax.Array, box: jax.Array, weight: jax.Array, num_labels: int) -> tuple[jax.Array, dict]:
-    """Cross-entropy of the labels on all weighted patches + of the box digits on object patches.
+    """Cross-entropy of the labels on all weighted patches + of the box digits on object patches
+    + KL(uniform || digit softmax) on background patches.
     out `[..., p, p, K + 40 * DIGITS]`, weight `[..., p, p]`."""
     logits = out[..., :num_labels]
     digit_logits = out[..., num_labels:].reshape(*out.shape[:-1], 4, DIGITS, 10)
@@ -183,13 +186,17 @@ def _view_loss(out: jax.Array, label: jax.Array, box: jax.Array, weight: jax.Arr
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, label)
     digit_ce = optax.softmax_cross_entropy_with_integer_labels(digit_logits, digits).mean((-1, -2))
     on_object = weight * (label > 0)
+    on_background = weight * (label == 0)
     n, n_obj = jnp.maximum(weight.sum(), 1.0), jnp.maximum(on_object.sum(), 1.0)
+    # background patches: no box, so their digit logits are pushed flat (KL to uniform)
+    flat = (-jax.nn.log_softmax(digit_logits, -1).mean(-1) - jnp.log(10.0)).mean((-1, -2))
+    flat_kl = (flat * on_background).sum() / jnp.maximum(on_background.sum(), 1.0)
     correct = jnp.argmax(logits, -1) == label
     first_digit = (jnp.argmax(digit_logits[..., 0, :], -1) == digits[..., 0]).mean(-1)
     metrics = {"ce": (ce * weight).sum() / n, "digit_ce": (digit_ce * on_object).sum() / n_obj,
                "acc": (correct * weight).sum() / n, "object_acc": (correct * on_object).sum() / n_obj,
-               "first_digit_acc": (first_digit * on_object).sum() / n_obj}
-    return metrics["ce"] + metrics["digit_ce"], metrics
+               "first_digit_acc": (first_digit * on_object).sum() / n_obj, "background_kl": flat_kl}
+    return metrics["ce"] + metrics["digit_ce"] + flat_kl, metrics
 
 
 def dense_loss(params, batch: dict, model: DenseHeads) -> tuple[jax.Array, dict]:

@@ -83,6 +83,28 @@ def test_box_digits_are_the_leading_digits_of_the_text_coordinates():
     assert text.box_text((500, 0, 999.9, 123.4), 1000, 1000) == "[500, 0, 999, 123]"
 
 
+def test_background_patches_digit_logits_are_pushed_flat():
+    k = TINY_LABELS
+    label = jnp.array([[[0, 1], [0, 0]]])  # one object patch, three background ones
+    box = jnp.broadcast_to(jnp.array([0.25, 0.15, 0.75, 0.95]), (1, 2, 2, 4))
+    weight = jnp.ones((1, 2, 2))
+    out = jnp.zeros((1, 2, 2, k + 40 * warmup.DIGITS))
+    flat_loss, flat = warmup._view_loss(out, label, box, weight, k)
+    assert abs(float(flat["background_kl"])) < 1e-6
+    # one background patch says "hundreds digit 3" for every coordinate: KL(uniform || softmax)
+    peak = 4.0
+    peaked = out.at[0, 0, 0, k + 3::10].set(peak)
+    loss, metrics = warmup._view_loss(peaked, label, box, weight, k)
+    logp = np.log(np.exp(np.eye(10)[3] * peak) / np.exp(np.eye(10)[3] * peak).sum())
+    kl_one_patch = -np.log(10) - logp.mean()
+    np.testing.assert_allclose(metrics["background_kl"], kl_one_patch / 3, rtol=1e-5)
+    np.testing.assert_allclose(loss - flat_loss, kl_one_patch / 3, rtol=1e-5)
+    # the object patch's digits are its box's, not pushed flat
+    on_object = out.at[0, 0, 1, k + np.array([2, 11, 27, 39])].set(peak)  # digits 2, 1, 7, 9
+    loss, metrics = warmup._view_loss(on_object, label, box, weight, k)
+    assert abs(float(metrics["background_kl"])) < 1e-6 and float(loss) < float(flat_loss)
+
+
 @pytest.fixture(scope="module")
 def warmed(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("warmup") / "backbones")
