@@ -54,7 +54,8 @@ def draw_answer(
     for k, g in enumerate(groundings):
         colour = ANSWER_COLOURS[k % len(ANSWER_COLOURS)]
         for x1, y1, x2, y2 in g.boxes:
-            draw.rectangle([x1 * s, y1 * s, x2 * s, y2 * s], outline=colour, width=3)
+            # an answer may write its corners swapped (x2 < x1): draw the box they span
+            draw.rectangle([min(x1, x2) * s, min(y1, y2) * s, max(x1, x2) * s, max(y1, y2) * s], outline=colour, width=3)
             _label(draw, (x1 * s, y1 * s), g.phrase or "?", colour)
         for x, y in g.points:
             draw.ellipse([x * s - 5, y * s - 5, x * s + 5, y * s + 5], fill=colour)

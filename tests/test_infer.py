@@ -113,6 +113,19 @@ def test_report_prints_the_answer_then_each_grounding_in_pixels():
     assert I.report("Nothing to ground.", []) == "Nothing to ground."
 
 
+def test_an_answer_box_with_swapped_corners_is_drawn_over_the_corners_it_spans():
+    from ferret_jax import draw
+
+    image = np.zeros((32, 32, 3), np.uint8)  # enlarged 10x: MIN_SIDE 320
+    swapped = text.Grounding("red circle", boxes=[(20, 25, 5, 8)])
+    picture = np.asarray(draw.draw_answer(image, groundings=[swapped]))
+    colour = draw.ANSWER_COLOURS[0]
+    # the left edge at x = 5 and the bottom edge at y = 25 (enlarged), between the other corners
+    np.testing.assert_array_equal(picture[150, 51], colour)
+    np.testing.assert_array_equal(picture[249, 150], colour)
+    np.testing.assert_array_equal(picture[150, 150], 0)  # inside stays the image
+
+
 def test_cli_modes_and_picture_paths_are_checked():
     I.check_mode("a.png", "What?", False, None, None)
     I.check_mode(None, None, False, "requests.jsonl", "out")
