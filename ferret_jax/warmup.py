@@ -57,7 +57,7 @@ from ferret_jax.models.sampler import Sampler
 
 MAX_TEXT_REGIONS = 4  # `<region_fea>` slots per language warm-up conversation that can carry a feature
 # Leading digits of each 0-999 coordinate predicted per patch: the hundreds alone. A tens digit is
-# half a pixel of the demo's 48-pixel views; predicting it too left the heads' first digit 61-76%
+# under a pixel of the demo's views (48-64 pixels); predicting it too left the heads' first digit 61-76%
 # right (70-89% without) and put 40 near-noise logits into the projectors' box code (DEMO_RUNS.md).
 DIGITS = 1
 
