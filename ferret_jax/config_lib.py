@@ -50,8 +50,8 @@ TINY = dict(
 )
 # CPU-sized: trains all three stages on the synthetic world in minutes. Patch 8 keeps the visual
 # token count small (8x8 on the 64-pixel global view, 6x6 per 48-pixel tile). The decoder reads
-# boxes from the global view, and 64 pixels box single objects better than 48 (Acc@0.5 0.59-0.72
-# against 0.53-0.61, DEMO_RUNS.md) for ~1 minute more of the demo. The few layers
+# boxes from the global view, and 64 pixels box single objects better than 48 (Acc@0.5 0.62
+# against 0.56, mean of four seeds; DEMO_RUNS.md) for ~1 minute more of the demo. The few layers
 # run unrolled (`scan_unroll`): about 7% faster a step on CPU (BENCHMARKS.md).
 DEMO = dict(
     clip=ClipConfig(image_size=64, patch_size=8, hidden_size=128, num_layers=2, num_heads=4, mlp_dim=256, select_layer=-1,
