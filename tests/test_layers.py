@@ -44,12 +44,13 @@ def test_block_causal_equals_full_causal(chunk):
     full = jax.jit(layers.dot_product_attention)
     blocked = jax.jit(layers.causal_attention, static_argnums=4)
     np.testing.assert_allclose(np.asarray(blocked(q, k, v, mask, chunk)), np.asarray(full(q, k, v, mask)), atol=1e-6)
-    # gradients agree too (the block path is what training differentiates)
-    grad = lambda fn: jax.jit(jax.grad(lambda q: (fn(q) ** 2).sum()))(q)  # noqa: E731
-    np.testing.assert_allclose(
-        np.asarray(grad(lambda q: layers.causal_attention(q, k, v, mask, chunk))),
-        np.asarray(grad(lambda q: layers.dot_product_attention(q, k, v, mask))), atol=1e-5,
-    )
+    # gradients agree too, for queries, keys and values (the block path is what training
+    # differentiates; keys and values are shared by blocks of different lengths)
+    grad = lambda fn: jax.jit(jax.grad(lambda *qkv: (fn(*qkv) ** 2).sum(), argnums=(0, 1, 2)))(q, k, v)  # noqa: E731
+    blocked_grads = grad(lambda q, k, v: layers.causal_attention(q, k, v, mask, chunk))
+    full_grads = grad(lambda q, k, v: layers.dot_product_attention(q, k, v, mask))
+    for name, g_blocked, g_full in zip("qkv", blocked_grads, full_grads):
+        np.testing.assert_allclose(np.asarray(g_blocked), np.asarray(g_full), atol=1e-5, err_msg=f"d{name}")
 
 
 def test_token_cross_entropy():

@@ -186,10 +186,28 @@ class HeadsOutput(nn.Module):
 # Attention
 
 
+def _shared_kv(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """GQA: each key/value head `[B, L, Hkv, Dh]` repeated for its group of q's H heads (cheap
+    next to the matmuls)."""
+    h, hkv = q.shape[2], k.shape[2]
+    if h % hkv:
+        raise ValueError(f"query heads {h} not a multiple of key/value heads {hkv}")
+    if h == hkv:
+        return k, v
+    return jnp.repeat(k, h // hkv, axis=2), jnp.repeat(v, h // hkv, axis=2)
+
+
+def _masked_softmax(logits: jax.Array, mask: jax.Array | None, dtype) -> jax.Array:
+    """fp32 logits `[B, H, Lq, Lk]`, bool mask broadcastable to `[B, Lq, Lk]` -> weights in `dtype`."""
+    if mask is not None:
+        logits = jnp.where(mask[:, None], logits, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(logits, axis=-1).astype(dtype)
+
+
 def dot_product_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None
 ) -> jax.Array:
-    """Softmax attention with grouped key/value heads; the one attention function of the project.
+    """Softmax attention with grouped key/value heads.
 
     Args:
       q: `[B, Lq, H, Dh]` queries.
@@ -200,18 +218,12 @@ def dot_product_attention(
     Returns:
       `[B, Lq, H, Dh]` in q's dtype. Logits and softmax are computed in fp32.
     """
-    b, lq, h, dh = q.shape
-    hkv = k.shape[2]
-    if h % hkv:
-        raise ValueError(f"query heads {h} not a multiple of key/value heads {hkv}")
-    if h != hkv:  # GQA: share each key/value head across its group (cheap next to the matmuls)
-        k, v = jnp.repeat(k, h // hkv, axis=2), jnp.repeat(v, h // hkv, axis=2)
+    b, lq, _, dh = q.shape
+    k, v = _shared_kv(q, k, v)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * (1.0 / np.sqrt(dh))
     if mask is not None:
-        mask = jnp.broadcast_to(mask, (b, lq, k.shape[1]))[:, None]
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        mask = jnp.broadcast_to(mask, (b, lq, k.shape[1]))
+    return jnp.einsum("bhqk,bkhd->bqhd", _masked_softmax(logits, mask, v.dtype), v)
 
 
 def causal_attention(
@@ -223,14 +235,21 @@ def causal_attention(
 
     Shapes as in `dot_product_attention`; `mask` `[B or 1, L, L]`. chunk <= 0 or >= L: one block.
     """
-    length = q.shape[1]
+    length, dh = q.shape[1], q.shape[3]
     if chunk <= 0 or chunk >= length:
         return dot_product_attention(q, k, v, mask)
+    k, v = _shared_kv(q, k, v)
+    # Heads-major once for all chunks: each chunk's dots in the `[B, L, H, Dh]` layout made XLA:CPU
+    # transpose its query rows and all its keys and values again, forward and backward (at the
+    # demo's shapes the attention took ~1.7x as long; BENCHMARKS.md).
+    q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # [B, H, L, Dh]
     outs = []
     for start in range(0, length, chunk):
         end = min(start + chunk, length)
-        outs.append(dot_product_attention(q[:, start:end], k[:, :end], v[:, :end], mask[:, start:end, :end]))
-    return jnp.concatenate(outs, axis=1)
+        logits = jnp.einsum("bhqd,bhkd->bhqk", q[:, :, start:end], k[:, :, :end], preferred_element_type=jnp.float32)
+        weights = _masked_softmax(logits * (1.0 / np.sqrt(dh)), mask[:, start:end, :end], v.dtype)
+        outs.append(jnp.einsum("bhqk,bhkd->bhqd", weights, v[:, :, :end]))
+    return jnp.concatenate(outs, axis=2).transpose(0, 2, 1, 3)
 
 
 # ----------------------------------------------------------------------------------------------
