@@ -54,7 +54,7 @@ TINY = dict(
 # against 0.56, mean of four seeds; DEMO_RUNS.md) for ~1 minute more of the demo. The few layers
 # run unrolled (`scan_unroll`): about 7% faster a step on CPU (BENCHMARKS.md). The decoder's causal
 # attention goes in query blocks of 96 rows, 3 at stage III's 284 tokens: with the heads-major
-# blocks, a stage-III step 3-4% faster than with 64 rows (BENCHMARKS.md).
+# blocks, a stage-III step ~3% faster than with 64 rows (BENCHMARKS.md).
 DEMO = dict(
     clip=ClipConfig(image_size=64, patch_size=8, hidden_size=128, num_layers=2, num_heads=4, mlp_dim=256, select_layer=-1,
                     scan_unroll=2),
