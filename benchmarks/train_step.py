@@ -9,7 +9,7 @@ import numpy as np
 
 from data_pipelines import example as ex
 from data_pipelines import mixture
-from ferret_jax import config_lib, optim, sharding, train
+from ferret_jax import compiler, config_lib, optim, sharding, train
 from ferret_jax.losses import token_cross_entropy
 from ferret_jax.models.ferret import Ferret
 
@@ -52,7 +52,7 @@ class FerretStep:
             schedule = optim.lr_schedule(o.lr, cfg.total_steps, 0, o.min_lr_ratio)
             self.step = jax.jit(
                 train.make_train_step(self.model, self.tx, self.mask, schedule, o.grad_accum_steps, cfg.seed),
-                donate_argnums=0,
+                donate_argnums=0, compiler_options=compiler.step_options(),
             )
             self.state = train.init_state(params, self.tx)
 

@@ -33,7 +33,7 @@ from ml_collections import config_flags
 
 from data_pipelines import example as ex
 from data_pipelines import mixture, pipeline, text
-from ferret_jax import checkpoint, config_lib, optim, sharding
+from ferret_jax import checkpoint, compiler, config_lib, optim, sharding
 from ferret_jax.losses import token_cross_entropy
 from ferret_jax.models.ferret import Ferret, FerretConfig, copy_global_projector, example_batch
 
@@ -458,8 +458,11 @@ def _train(config, workdir: str, stop_requested, preemption: "_Preemption") -> d
         train_step = jax.jit(
             make_train_step(model, tx, mask, schedule, config.optim.grad_accum_steps, config.seed),
             in_shardings=(shards, batch_sharding), out_shardings=(shards, NamedSharding(mesh, P())), donate_argnums=0,
+            compiler_options=compiler.step_options(),
         )
-        eval_step = jax.jit(make_eval_step(model), in_shardings=(param_shards, batch_sharding))
+        eval_step = jax.jit(
+            make_eval_step(model), in_shardings=(param_shards, batch_sharding), compiler_options=compiler.step_options()
+        )
         evaluate = _evaluator(config, proto, ecfg, local_batch, eval_step, batch_sharding)
 
         last: dict = {}

@@ -48,7 +48,7 @@ import optax
 
 from data_pipelines import anyres, pipeline, regions, synthetic, tasks, text
 from data_pipelines.example import ExampleError
-from ferret_jax import losses, train
+from ferret_jax import compiler, losses, train
 from ferret_jax.models.clip import ClipVision
 from ferret_jax.models.dinov2 import Dinov2
 from ferret_jax.models.ferret import FerretConfig, Projector, region_point_features
@@ -245,7 +245,7 @@ def adamw_fit(
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
     opt_state = tx.init(params)
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=compiler.step_options())
     def step(params, opt_state, batch):
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
         updates, opt_state = tx.update(grads, opt_state, params)
