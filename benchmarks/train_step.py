@@ -51,7 +51,7 @@ class FerretStep:
             )
             schedule = optim.lr_schedule(o.lr, cfg.total_steps, 0, o.min_lr_ratio)
             self.step = jax.jit(
-                train.make_train_step(self.model, self.tx, self.mask, schedule, o.grad_accum_steps, cfg.seed),
+                train.make_train_step(self.model, self.tx, self.mask, schedule, o.grad_accum_steps, cfg.seed, cfg.loss_positions),
                 donate_argnums=0, compiler_options=compiler.step_options(),
             )
             self.state = train.init_state(params, self.tx)

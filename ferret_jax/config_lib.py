@@ -166,15 +166,19 @@ _DEMO_SCENE = dict(
     sizes={"small": (0.3, 0.42), "large": (0.42, 0.6)}, name_sizes=False,
 )
 _SMALL = {
+    # The tests' loss_positions: stage I's batches fit (16 supervised tokens at most), most of
+    # stage II's and III's do not (up to 110), so both of the loss's paths run.
     "tiny": dict(batch_size=8, max_length=384, max_regions=3, total_steps=4, lr=2e-3, grounding_share=0.5,
-                 scene=dict(max_objects=3, cell_range=(28, 56))),
+                 scene=dict(max_objects=3, cell_range=(28, 56)), loss_positions=32),
     # max_length: stage I's longest example is 100 tokens, stage II's 320; stage III's 284 hold
     # >99% of its examples (longer ones are redrawn and counted as too_long). Most steps go to
     # stage III, whose tasks the targets measure: three grounding questions in four (its answers
     # are where the demo lags most), at half the earlier stages' lr (DEMO_RUNS.md). Stage I's
     # steps are cheap (~0.03 s): 500 of them take its caption loss from ~2.7 to ~0.5.
+    # loss_positions: stage I's examples carry at most 10 supervised tokens, stage II's 73 and
+    # stage III's 50 (800 examples each; mean 8, 56, 27).
     "demo": dict(batch_size=8, max_length={1: 108, 2: 324, 3: 284}, max_regions=3, total_steps={1: 500, 2: 250, 3: 1800},
-                 lr={1: 2e-3, 2: 2e-3, 3: 1e-3}, grounding_share=0.75, scene=_DEMO_SCENE),
+                 lr={1: 2e-3, 2: 2e-3, 3: 1e-3}, grounding_share=0.75, scene=_DEMO_SCENE, loss_positions={1: 16, 2: 80, 3: 64}),
 }
 # The demo starts from random backbones. Before stage I it warms them up on the same world
 # (`ferret_jax.warmup`), the stand-ins for the pretrained backbones the paper starts from: CLIP and
@@ -284,6 +288,9 @@ def stage_config(stage: int, arg: str | None = None):
     c.eval_every = 2 if size == "tiny" else 100 if small else 1000
     c.eval_batches = 1 if size == "tiny" else 4
     c.max_nonfinite_in_a_row = 5  # consecutive skipped (NaN/Inf) updates before the run stops
+    # > 0: the lm_head and loss run at each example's first N supervised tokens only, or at all
+    # positions for a batch where some example has more (the same loss either way); 0: always all.
+    c.loss_positions = _per_stage(size, "loss_positions", stage) if small else 0
 
     c.mesh = ml_collections.ConfigDict({"shape": (1, -1, 1)})  # ('data', 'fsdp', 'tensor'); -1 = the rest
     c.sharding_rules = tuple(sharding.RULES)

@@ -12,6 +12,7 @@ makes the run save at the next step boundary and exit 0; rerunning the same comm
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -34,7 +35,7 @@ from ml_collections import config_flags
 from data_pipelines import example as ex
 from data_pipelines import mixture, pipeline, text
 from ferret_jax import checkpoint, compiler, config_lib, optim, sharding
-from ferret_jax.losses import token_cross_entropy
+from ferret_jax.losses import supervised_token_loss, token_cross_entropy
 from ferret_jax.models.ferret import Ferret, FerretConfig, copy_global_projector, example_batch
 
 BATCH_AXES = ("data", "fsdp")
@@ -171,19 +172,25 @@ def state_shardings(abstract_state: dict, param_shardings: Any, mesh) -> dict:
     return {"step": replicated, "params": param_shardings, "opt_state": opt, "nonfinite": replicated}
 
 
-def make_train_step(model: Ferret, tx: optax.GradientTransformation, mask: Any, schedule: Callable, accum: int, seed: int):
+def make_train_step(
+    model: Ferret, tx: optax.GradientTransformation, mask: Any, schedule: Callable, accum: int, seed: int,
+    loss_positions: int = 0,
+):
     """`(state, batch) -> (state, metrics)`: one update on a global batch of the contract.
 
     The loss is the masked token cross-entropy summed over the batch's supervised tokens and
     divided by their count; with `accum` > 1 micro-batches add up to exactly that. Only trainable
     leaves are differentiated. A non-finite loss or gradient keeps params and optimizer state as
-    they were and increments `nonfinite` (reset by the next good step).
+    they were and increments `nonfinite` (reset by the next good step). `loss_positions` as in
+    `losses.supervised_token_loss` (a speed setting: the loss is the same).
     """
 
     def loss_fn(trainable, frozen, micro, key, denom):
-        logits = model.apply({"params": _merge(trainable, frozen)}, micro, rngs={"sampler": key})
-        loss, correct = token_cross_entropy(logits, micro["targets"], micro["loss_mask"])
-        return loss.sum() / denom, correct.sum()
+        variables = {"params": _merge(trainable, frozen)}
+        hidden = model.apply(variables, micro, rngs={"sampler": key}, method=Ferret.hidden_states)
+        head = functools.partial(model.apply, variables, method=Ferret.logits)
+        loss, correct = supervised_token_loss(head, hidden, micro["targets"], micro["loss_mask"], loss_positions)
+        return loss / denom, correct
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -456,7 +463,7 @@ def _train(config, workdir: str, stop_requested, preemption: "_Preemption") -> d
         log(f"[init] optimizer state {optim.optimizer_state_bytes(abstract_state['opt_state']) / 2**20:.1f} MiB (frozen leaves hold none)")
 
         train_step = jax.jit(
-            make_train_step(model, tx, mask, schedule, config.optim.grad_accum_steps, config.seed),
+            make_train_step(model, tx, mask, schedule, config.optim.grad_accum_steps, config.seed, config.loss_positions),
             in_shardings=(shards, batch_sharding), out_shardings=(shards, NamedSharding(mesh, P())), donate_argnums=0,
             compiler_options=compiler.step_options(),
         )

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ferret_jax.losses import token_cross_entropy
+from ferret_jax.losses import supervised_token_loss, token_cross_entropy
 from ferret_jax.models import layers
 
 
@@ -66,6 +66,36 @@ def test_token_cross_entropy():
     # bf16 logits still give an fp32 loss
     loss16, _ = token_cross_entropy(jnp.asarray(logits, jnp.bfloat16), jnp.asarray(targets))
     assert loss16.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("row_counts", [(3, 5, 0), (3, 9, 2)], ids=["rows_fit", "one_row_over"])
+def test_supervised_token_loss_equals_the_loss_at_all_positions(row_counts):
+    """The head at each row's first K supervised positions (K = 6; when a row has more, at all
+    of them): the same loss and correct-token sums, and the same gradients, as at all positions."""
+    r = np.random.RandomState(4)
+    b, length, d, v = 3, 20, 8, 13
+    hidden = jnp.asarray(r.randn(b, length, d), jnp.float32)
+    w = jnp.asarray(r.randn(d, v), jnp.float32)
+    targets = jnp.asarray(r.randint(0, v, (b, length)))
+    mask = np.zeros((b, length), np.float32)
+    for row, n in enumerate(row_counts):
+        mask[row, r.choice(length, n, replace=False)] = 1.0
+    mask = jnp.asarray(mask)
+
+    def sums(w, hidden, positions):
+        return supervised_token_loss(lambda h: jnp.tanh(h) @ w, hidden, targets, mask, positions)
+
+    ref_loss, ref_correct = sums(w, hidden, 0)
+    loss, correct = sums(w, hidden, 6)
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6)
+    assert float(correct) == float(ref_correct)
+    ref_loss_manual, _ = token_cross_entropy(jnp.tanh(hidden) @ w, targets, mask)
+    np.testing.assert_allclose(float(ref_loss), float(ref_loss_manual.sum()), rtol=1e-6)
+    grads = jax.grad(lambda w, h: sums(w, h, 6)[0], argnums=(0, 1))(w, hidden)
+    ref_grads = jax.grad(lambda w, h: sums(w, h, 0)[0], argnums=(0, 1))(w, hidden)
+    for g, ref in zip(grads, ref_grads):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(ref), rtol=1e-5, atol=1e-6)
+    assert float(jnp.abs(ref_grads[1]).sum()) > 0
 
 
 def test_sincos_position_init_encodes_row_and_column():

@@ -200,10 +200,17 @@ class Ferret(nn.Module):
         picked = jax.vmap(lambda feats, i: feats[jnp.maximum(i, 0)])(regions, ri)
         return jnp.where((ri >= 0)[..., None], picked.astype(emb.dtype), emb)
 
+    def hidden_states(self, batch) -> jax.Array:
+        """`[B, L, D]` decoder outputs before the final norm, for a batch of the DESIGN §5 contract."""
+        return self.llm.decode(embeddings=self.embed_inputs(batch))[0]
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """`[..., D]` decoder outputs -> fp32 logits `[..., V]` (final norm and lm_head)."""
+        return self.llm.head(hidden)
+
     def __call__(self, batch) -> jax.Array:
         """fp32 logits `[B, L, V]` for a batch of the DESIGN §5 contract."""
-        logits, _ = self.llm(embeddings=self.embed_inputs(batch))
-        return logits
+        return self.logits(self.hidden_states(batch))
 
 
 def copy_global_projector(params: dict) -> dict:

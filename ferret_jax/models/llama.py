@@ -178,6 +178,35 @@ class Llama(nn.Module):
         """`[B, T]` ids -> `[B, T, D]` input embeddings in the compute dtype."""
         return jnp.take(self.embedding, tokens, axis=0).astype(jnp.dtype(self.config.dtype))
 
+    def decode(
+        self,
+        tokens: jax.Array | None = None,
+        *,
+        embeddings: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        kv_mask: jax.Array | None = None,
+        cache: KVCache | None = None,
+        cache_index: jax.Array | int = 0,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """The decoder layers over T new tokens: `[B, T, D]` hidden states before the final norm
+        and the updated cache (None without one). Arguments as `__call__`'s."""
+        if (tokens is None) == (embeddings is None):
+            raise ValueError("pass exactly one of tokens or embeddings")
+        x = self.embed(tokens) if embeddings is None else embeddings.astype(jnp.dtype(self.config.dtype))
+        b, t, _ = x.shape
+        if positions is None:
+            positions = jnp.broadcast_to(cache_index + jnp.arange(t), (b, t))
+        # RoPE tables and the mask are shared by all layers: built once, outside the scan.
+        rope = rotary_tables(positions, self.config.dim_per_head, self.config.rope_theta, x.dtype)
+        mask = attention_mask(t, None if cache is None else cache["k"].shape[-1], cache_index, kv_mask)
+        (x, cache), _ = self.layers((x, cache), jnp.arange(self.config.num_layers), rope, mask, cache_index)
+        return x, cache
+
+    def head(self, x: jax.Array) -> jax.Array:
+        """Final norm and lm_head: `[..., D]` hidden states -> fp32 logits `[..., V]`."""
+        x = self.final_norm(x)
+        return layers.matmul(x, self.lm_head.astype(x.dtype), 1, out_dtype=jnp.float32)
+
     def __call__(
         self,
         tokens: jax.Array | None = None,
@@ -206,16 +235,7 @@ class Llama(nn.Module):
         Returns:
           fp32 logits `[B, T, V]` (`[B, logits_to_keep, V]`) and the updated cache (None without one).
         """
-        if (tokens is None) == (embeddings is None):
-            raise ValueError("pass exactly one of tokens or embeddings")
-        x = self.embed(tokens) if embeddings is None else embeddings.astype(jnp.dtype(self.config.dtype))
-        b, t, _ = x.shape
-        if positions is None:
-            positions = jnp.broadcast_to(cache_index + jnp.arange(t), (b, t))
-        # RoPE tables and the mask are shared by all layers: built once, outside the scan.
-        rope = rotary_tables(positions, self.config.dim_per_head, self.config.rope_theta, x.dtype)
-        mask = attention_mask(t, None if cache is None else cache["k"].shape[-1], cache_index, kv_mask)
-        (x, cache), _ = self.layers((x, cache), jnp.arange(self.config.num_layers), rope, mask, cache_index)
-        x = self.final_norm(x if logits_to_keep <= 0 else x[:, -logits_to_keep:])
-        logits = layers.matmul(x, self.lm_head.astype(x.dtype), 1, out_dtype=jnp.float32)
-        return logits, cache
+        x, cache = self.decode(
+            tokens, embeddings=embeddings, positions=positions, kv_mask=kv_mask, cache=cache, cache_index=cache_index
+        )
+        return self.head(x if logits_to_keep <= 0 else x[:, -logits_to_keep:]), cache
