@@ -2,11 +2,11 @@ PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?= -n 2 --dist loadfile
-# XLA's CPU runtime allocates every step's buffers afresh; where Linux keeps transparent huge
-# pages for `madvise` callers only, malloc's memory is faulted in 4 KiB at a time each step (a
-# quarter of a demo step's CPU time in the kernel). glibc >= 2.35 then asks for huge pages; older
-# ones ignore it. BENCHMARKS.md, "malloc and huge pages".
-export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
+# XLA's CPU runtime allocates every step's temporaries afresh (the trainer splits them into
+# heaps of at most 16 MiB, ferret_jax/compiler.py). malloc serves blocks up to 32 MiB from its
+# heap and keeps freed memory instead of returning it to the kernel, which would fault it in again
+# on the next step. BENCHMARKS.md, "malloc and huge pages".
+export GLIBC_TUNABLES ?= glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296
 
 .PHONY: install test demo bench clean
 
