@@ -202,7 +202,7 @@ class Ferret(nn.Module):
 
     def hidden_states(self, batch) -> jax.Array:
         """`[B, L, D]` decoder outputs before the final norm, for a batch of the DESIGN §5 contract."""
-        return self.llm.decode(embeddings=self.embed_inputs(batch))[0]
+        return self.llm.hidden_states(embeddings=self.embed_inputs(batch))[0]
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """`[..., D]` decoder outputs -> fp32 logits `[..., V]` (final norm and lm_head)."""

@@ -178,7 +178,7 @@ class Llama(nn.Module):
         """`[B, T]` ids -> `[B, T, D]` input embeddings in the compute dtype."""
         return jnp.take(self.embedding, tokens, axis=0).astype(jnp.dtype(self.config.dtype))
 
-    def decode(
+    def hidden_states(
         self,
         tokens: jax.Array | None = None,
         *,
@@ -235,7 +235,7 @@ class Llama(nn.Module):
         Returns:
           fp32 logits `[B, T, V]` (`[B, logits_to_keep, V]`) and the updated cache (None without one).
         """
-        x, cache = self.decode(
+        x, cache = self.hidden_states(
             tokens, embeddings=embeddings, positions=positions, kv_mask=kv_mask, cache=cache, cache_index=cache_index
         )
         return self.head(x if logits_to_keep <= 0 else x[:, -logits_to_keep:]), cache
