@@ -1,6 +1,6 @@
 """XLA compiler options for the jitted training steps.
 
-XLA packs a step's temporaries into one allocation: ~180 MB for the demo's stage-III step. On
+XLA packs a step's temporaries into one allocation: ~190 MB for the demo's stage-III step. On
 CPU that block comes from glibc's malloc, which serves any block over its mmap threshold (at
 most 32 MiB) with a fresh `mmap` and returns it with `munmap`, so the kernel zero-fills the
 step's whole working set on every call: ~50,000 page faults and a quarter of the step's CPU time
