@@ -32,14 +32,14 @@ STAGE_RECORDS = 64  # after stages 1 and 2 (progress only)
 
 
 WARMUP_TRAINS = {"warmup": "clip, dino, sampler (dense patch categories and box digits, region categories); "
-                           "proj_global, proj_local start from the heads' box digits",
+                           "proj_global, proj_local start from the heads' box digits (their fc1, frozen in every stage)",
                  "language_warmup": "llm (an induction phase: random sequences of the world's token ids, repeated; then "
                                     "stage-III answers and stage-I captions as text: no images, coordinates scrambled; "
                                     "the warmed sampler's features in the referring questions' region slots)"}
 
 
 def stage_trains(stage: int) -> str:
-    return ", ".join(config_lib.DEMO_TRAINABLE[stage]).replace("/.*", "").replace(".*", "everything")
+    return ", ".join(config_lib.DEMO_TRAINABLE[stage]).replace("/.*", "")
 
 
 def warm_up_backbones(size: str, out: str, steps: int | None = None, log=print, seed: int = 0) -> dict:

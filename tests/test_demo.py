@@ -34,7 +34,8 @@ def test_quick_demo_runs_end_to_end(tmp_path):
         assert all(v is None or 0 <= v <= 1 for v in (*r["grounding_acc50_by_objects"].values(), r["grounding_other_object_rate"],
                                                       *r["grounding_acc50_by_raster_rank"].values()))
         assert set(r["grounding_acc50_by_raster_rank"]) <= {"1", "2"}
-        assert r["trains"] == {1: "proj_global", 2: "proj_global, proj_local, sampler, llm", 3: "everything"}[stage]
+        assert r["trains"] == {1: "proj_global/fc2", 2: "proj_global/fc2, proj_local/fc2, sampler, llm",
+                               3: "clip, dino, proj_global/fc2, proj_local/fc2, sampler, llm"}[stage]
     assert 0 <= saved["baseline_constant_box_acc50"] <= 1 and saved["chance_referring_acc"] == 0.5
     with Image.open(tmp_path / "grounded.png") as im:
         assert im.width > 300 and im.height > 300
@@ -52,6 +53,14 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     step = max(np.abs(np.asarray(a) - np.asarray(w)).max() for a, w in zip(jax.tree.leaves(p2["proj_local"]), jax.tree.leaves(warm["proj_local"])))
     apart = max(np.abs(np.asarray(a) - np.asarray(g)).max() for a, g in zip(jax.tree.leaves(p2["proj_local"]), jax.tree.leaves(p1["proj_global"])))
     assert step < 0.01 < apart, (step, apart)
+    # The projectors' fc1, the heads' box code, is the warm-up's bit for bit after every stage;
+    # their fc2 and the encoders under them train.
+    p3 = evaluate.load_model(str(tmp_path / "stage3"))[1]
+    for name in ("proj_global", "proj_local"):
+        for p in (p1, p2, p3):
+            jax.tree.map(np.testing.assert_array_equal, p[name]["fc1"], warm[name]["fc1"])
+        assert np.abs(np.asarray(p3[name]["fc2"]["kernel"]) - np.asarray(warm[name]["fc2"]["kernel"])).max() > 1e-4
+    assert max(np.abs(np.asarray(a) - np.asarray(w)).max() for a, w in zip(jax.tree.leaves(p3["clip"]), jax.tree.leaves(warm["clip"]))) > 0
 
 
 def test_by_objects_orders_the_scene_sizes_as_numbers():
