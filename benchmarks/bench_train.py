@@ -1,7 +1,8 @@
 """Training step speed: Ferret-v2 `demo` stage III (JAX/Flax) vs HF LLaVA-NeXT (PyTorch eager).
 
-  ours (any-res): the trainer's jitted step of `configs/stage3.py:demo` (everything trainable,
-                  AdamW with the stage's lr multipliers, global-norm clip, donated state) on a
+  ours (any-res): the trainer's jitted step of `configs/stage3.py:demo` (its trainable set:
+                  all but the projectors' fc1; AdamW with the stage's lr multipliers,
+                  global-norm clip, donated state) on a
                   real batch of the synthetic data pipeline (`data.batch_size` examples of
                   `data.max_length` tokens): CLIP global view + DINOv2 tiles + spatial-aware
                   sampler + LLaMA.
