@@ -28,8 +28,7 @@ import numpy as np
 from data_pipelines import synthetic
 from ferret_jax import config_lib, evaluate, train, warmup
 from ferret_jax.convert import load_converted
-from ferret_jax.models.clip import ClipVision
-from ferret_jax.models.dinov2 import Dinov2
+from ferret_jax.models.ferret import Ferret
 
 SEED = 99
 CHECKPOINTS = ("warmup", "stage1", "stage2", "stage3")
@@ -38,9 +37,8 @@ CHECKPOINTS = ("warmup", "stage1", "stage2", "stage3")
 def held_out_views(model_config, world: dict, scenes: int) -> dict[str, np.ndarray]:
     """Dense examples of `scenes` held-out scenes, stacked (`warmup.dense_example`'s keys)."""
     source = synthetic.SyntheticSource("test", scenes, SEED, **world)
-    categories = sorted({o.name for i in range(len(source)) for o in source[i]["scene"].objects})
     rng = np.random.default_rng(SEED)
-    rows = [warmup.dense_example(source[i]["scene"], categories, model_config, world["grids"], 1, rng)
+    rows = [warmup.dense_example(source[i]["scene"], source.categories, model_config, world["grids"], 1, rng)
             for i in range(len(source))]
     return {k: np.stack([r[k] for r in rows]) for k in ("global_image", "global_label", "global_box", "tiles",
                                                         "tile_label", "tile_box", "tile_valid")}
@@ -74,18 +72,16 @@ def main() -> None:
     world = evaluate.synthetic_world({"config": {"data": config.data.to_dict()}})
     model_config = train.model_config(config)
     views = held_out_views(model_config, world, args.scenes)
-    tiles = views["tiles"]
-    flat_tiles = jnp.asarray(tiles.reshape(-1, *tiles.shape[2:]))
     tile_label = np.where(views["tile_valid"][..., None, None], views["tile_label"], 0)
-    clip, dino = ClipVision(model_config.clip), Dinov2(model_config.dino)
+    encode = jax.jit(lambda p: Ferret(model_config).apply(
+        {"params": p}, jnp.asarray(views["global_image"]), jnp.asarray(views["tiles"]), method=Ferret.encode_images)[:2])
     results = {}
     for run in args.run:
         for name in CHECKPOINTS:
             params = load(run, name, config.data.max_length)
             if params is None:
                 continue
-            f_g = clip.apply({"params": params["clip"]}, jnp.asarray(views["global_image"]))
-            f_l = dino.apply({"params": params["dino"]}, flat_tiles).reshape(*tile_label.shape, -1)
+            f_g, f_l = encode(params)
             for view, feats, proj, label, box in (
                 ("global", f_g, "proj_global", views["global_label"], views["global_box"]),
                 ("tiles", f_l, "proj_local", tile_label, views["tile_box"]),
