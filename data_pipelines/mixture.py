@@ -5,7 +5,8 @@
         "vqa":    {"type": "grounded_conversation", "annotations": "/data/llava_vqa.json",
                    "image_root": "/data", "detections": "/data/glip.json", "min_score": 0.5},
         "shapes": {"type": "synthetic", "split": "train", "num_records": 100000,
-                   "grounding_share": 0.5},  # stage III: grounding vs referring questions
+                   "grounding_share": 0.5,  # stage III: grounding vs referring questions
+                   "box_quantum": 1},  # answers' box coordinates: centres of bins this wide (1: exact)
     }
     config.data.weights = {"grit": 3.0, "vqa": 1.0, "shapes": 0.5}
 
@@ -27,9 +28,15 @@ from data_pipelines import pipeline, synthetic
 from data_pipelines.sources import conversation, detection, evaluation, grit, tfds_source
 
 
+def _task_options(opts: dict) -> dict:
+    """Pops the options of `pipeline.objects_task` out of an object-annotated source's options."""
+    return {"grounding_share": opts.pop("grounding_share", pipeline.GROUNDING_SHARE),
+            "box_quantum": opts.pop("box_quantum", 1)}
+
+
 def _synthetic(opts: dict, stage: int):
-    share = opts.pop("grounding_share", pipeline.GROUNDING_SHARE)
-    return synthetic.SyntheticSource(**opts), pipeline.synthetic_task(stage, share)
+    task = _task_options(opts)
+    return synthetic.SyntheticSource(**opts), pipeline.synthetic_task(stage, **task)
 
 
 def _conversation(opts: dict, stage: int):
@@ -46,14 +53,14 @@ def _grit(opts: dict, stage: int):
 
 
 def _detection(opts: dict, stage: int):
-    share = opts.pop("grounding_share", pipeline.GROUNDING_SHARE)
-    return detection.DetectionSource(**opts), pipeline.objects_task(stage, share)
+    task = _task_options(opts)
+    return detection.DetectionSource(**opts), pipeline.objects_task(stage, **task)
 
 
 def _tfds(opts: dict, stage: int):
-    share = opts.pop("grounding_share", pipeline.GROUNDING_SHARE)  # detection datasets only
+    task = _task_options(opts)  # detection datasets only
     source = tfds_source.TfdsSource(**opts)
-    return source, pipeline.objects_task(stage, share) if source.kind == "detection" else pipeline.conversation_task
+    return source, pipeline.objects_task(stage, **task) if source.kind == "detection" else pipeline.conversation_task
 
 
 def _refexp(opts: dict, stage: int):

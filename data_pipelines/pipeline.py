@@ -128,15 +128,18 @@ def _check_stage(stage: int) -> int:
     return stage
 
 
-def objects_task(stage: int, grounding_share: float = GROUNDING_SHARE) -> TaskFn:
+def objects_task(stage: int, grounding_share: float = GROUNDING_SHARE, box_quantum: int = 1) -> TaskFn:
     """Records with named objects (`{'image', 'objects', 'categories'}`: COCO/LVIS, TFDS detection,
     the synthetic world), one multi-turn conversation per image:
     stage 1, a caption; stage 2, Dense Referring and Dense Detection (SPEC §5.3) in random order;
     stage 3, one question for each of up to MAX_QUESTIONS objects in random order, each
     grounding with the coordinates suffix (with probability `grounding_share`) or referring
     classification against a category absent from the image (point, box or free-form, at
-    random); grounding whenever no category is absent."""
+    random); grounding whenever no category is absent. The answers' boxes (Dense Detection,
+    grounding) write each coordinate as the centre of its `box_quantum`-wide bin of the 0..999
+    canvas (1: exactly; `text.box_text`)."""
     _check_stage(stage)
+    text.quantize(0, box_quantum)  # validates it before any record is read
     if not 0.0 <= grounding_share <= 1.0:
         raise ValueError(f"grounding_share must be in [0, 1], got {grounding_share}")
 
@@ -146,7 +149,7 @@ def objects_task(stage: int, grounding_share: float = GROUNDING_SHARE) -> TaskFn
         if stage == 1:
             return image, tasks.caption(objs)
         if stage == 2:
-            parts = [tasks.dense_referring(objs, w, h, rng), tasks.dense_detection(objs, w, h, rng)]
+            parts = [tasks.dense_referring(objs, w, h, rng), tasks.dense_detection(objs, w, h, rng, quantum=box_quantum)]
             return image, tasks.combine(parts[:: 1 if rng.integers(2) else -1])
         present = {o.name for o in objs}
         negatives = [c for c in record["categories"] if c not in present]
@@ -158,15 +161,16 @@ def objects_task(stage: int, grounding_share: float = GROUNDING_SHARE) -> TaskFn
                 negative = negatives[rng.integers(len(negatives))]
                 parts.append(tasks.referring_classification(obj, negative, w, h, rng, kind))
             else:
-                parts.append(tasks.grounding(obj.name, [o.box for o in objs if o.name == obj.name], w, h))
+                boxes = [o.box for o in objs if o.name == obj.name]
+                parts.append(tasks.grounding(obj.name, boxes, w, h, quantum=box_quantum))
         return image, tasks.combine(parts)
 
     return fn
 
 
-def synthetic_task(stage: int, grounding_share: float = GROUNDING_SHARE) -> TaskFn:
+def synthetic_task(stage: int, grounding_share: float = GROUNDING_SHARE, box_quantum: int = 1) -> TaskFn:
     """`objects_task` over the synthetic world's scenes."""
-    fn = objects_task(stage, grounding_share)
+    fn = objects_task(stage, grounding_share, box_quantum)
 
     def synthetic_fn(record: dict, rng: np.random.Generator):
         scene = record["scene"]

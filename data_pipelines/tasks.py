@@ -105,25 +105,29 @@ def dense_referring(
 
 
 def dense_detection(
-    objects: Sequence[Annotation], width: int, height: int, rng: np.random.Generator, max_objects: int = 10
+    objects: Sequence[Annotation], width: int, height: int, rng: np.random.Generator, max_objects: int = 10,
+    quantum: int = 1,
 ) -> Task:
-    """Stage II Dense Detection: every (up to `max_objects`) object with its box, raster order."""
+    """Stage II Dense Detection: every (up to `max_objects`) object with its box, raster order
+    (coordinates in `quantum`-wide bins, `text.box_text`)."""
     chosen = raster_order(_subset(objects, max_objects, rng))
-    listed = [f"{o.name} {text.box_text(o.box, width, height)}" for o in chosen]
+    listed = [f"{o.name} {text.box_text(o.box, width, height, quantum)}" for o in chosen]
     return Task([("human", DENSE_DETECTION_Q), ("gpt", f"The objects are: {_numbered(listed)}.")], [], [])
 
 
-def grounding(name: str, boxes: Sequence[Sequence[float]], width: int, height: int, suffix: bool = True) -> Task:
+def grounding(name: str, boxes: Sequence[Sequence[float]], width: int, height: int, suffix: bool = True,
+              quantum: int = 1) -> Task:
     """REC-style grounding (SPEC §7.1 prompt): where is <name>? -> '<name> [box].', or
     '<name> [[box1], [box2]].' when several objects answer to the name (V2 Fig. 1). The name is
     written as asked, as in Dense Detection's '1: <name> [box]': the answer's name is then the
-    question's tokens, not a capitalized variant the model has to learn to map to them."""
+    question's tokens, not a capitalized variant the model has to learn to map to them. The
+    coordinates are in `quantum`-wide bins (`text.box_text`)."""
     if not boxes:
         raise ValueError(f"no box to ground {name!r}")
     question = text.rec_question(name)
     if suffix:
         question = text.add_grounding_suffix(question)
-    coords = [text.box_text(b, width, height) for b in boxes]
+    coords = [text.box_text(b, width, height, quantum) for b in boxes]
     written = coords[0] if len(coords) == 1 else "[" + ", ".join(coords) + "]"
     return Task([("human", question), ("gpt", f"{name} {written}.")], [], [])
 

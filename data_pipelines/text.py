@@ -84,14 +84,21 @@ def _coords_text(values: Iterable[int]) -> str:
     return "[" + ", ".join(str(v) for v in values) + "]"
 
 
-def box_text(box: Sequence[float], width: int, height: int) -> str:
-    """Pixel box (x1, y1, x2, y2) -> "[x1, y1, x2, y2]" on the 0..999 canvas."""
+def quantize(t: int, quantum: int) -> int:
+    """Canvas integer -> the centre of its `quantum`-wide bin (clamped to 999); quantum 1 keeps it."""
+    if isinstance(quantum, bool) or not isinstance(quantum, (int, np.integer)) or not 1 <= quantum <= CANVAS:
+        raise ValueError(f"box quantum must be an int in 1..{CANVAS}, got {quantum!r}")
+    return min(t // quantum * quantum + quantum // 2, CANVAS - 1)
+
+
+def box_text(box: Sequence[float], width: int, height: int, quantum: int = 1) -> str:
+    """Pixel box (x1, y1, x2, y2) -> "[x1, y1, x2, y2]" on the 0..999 canvas, each value the centre
+    of its `quantum`-wide bin (1: the exact canvas integer, as Ferret writes boxes)."""
     if len(box) != 4:
         raise ValueError(f"box must have 4 values (x1, y1, x2, y2), got {box!r}")
     x1, y1, x2, y2 = box
-    return _coords_text(
-        (to_canvas(x1, width), to_canvas(y1, height), to_canvas(x2, width), to_canvas(y2, height))
-    )
+    values = (to_canvas(x1, width), to_canvas(y1, height), to_canvas(x2, width), to_canvas(y2, height))
+    return _coords_text(quantize(v, quantum) for v in values)
 
 
 def point_text(point: Sequence[float], width: int, height: int) -> str:

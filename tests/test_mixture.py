@@ -93,6 +93,8 @@ def test_sources_are_ordered_by_name_and_weighted(files):
         ({"sources": {"x": {"type": "grit", "annotations": "/nope.json", "image_root": "/"}}, "weights": {"x": 1}},
          FileNotFoundError, "source 'x' .*no such file '/nope.json'"),
         ({"sources": {"x": {"type": "synthetic"}}, "weights": {"x": 0}}, ValueError, "weights must be positive"),
+        ({"sources": {"x": {"type": "synthetic", "box_quantum": 0}}, "weights": {"x": 1}}, ValueError,
+         "source 'x' .*box quantum"),
     ],
 )
 def test_bad_configuration_raises_clearly(proto, data, error, message):

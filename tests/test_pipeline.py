@@ -1,6 +1,8 @@
 """grain pipeline: contract batches from the synthetic world, determinism, resumable iterator state,
 disjoint process shards, and bad records counted instead of raised."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -129,6 +131,35 @@ def test_stage3_grounding_share():
     assert n > 400 and abs(measured - 0.75) < 0.05
     with pytest.raises(ValueError, match="grounding_share"):
         pipeline.synthetic_task(3, 1.5)
+
+
+_BOX = re.compile(r"\[\d+, \d+, \d+, \d+\]")
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_box_quantum_rewrites_only_the_answers_boxes(stage):
+    """With `box_quantum` 100, every box an answer writes (Dense Detection, grounding) is the exact
+    one's bin centres, "[450, 250, 850, 650]"; the questions' region boxes stay exact; the
+    conversations are otherwise the same, token for token; a quantum outside 1..1000 raises."""
+    source = synthetic.SyntheticSource("train", 40, seed=0)
+    exact, binned = pipeline.synthetic_task(stage), pipeline.synthetic_task(stage, box_quantum=100)
+    answer_boxes = 0
+    for i in range(len(source)):
+        turns_exact = exact(source[i], np.random.default_rng(i))[1].turns
+        turns_binned = binned(source[i], np.random.default_rng(i))[1].turns
+        assert [r for r, _ in turns_exact] == [r for r, _ in turns_binned]
+        for (role, a), (_, b) in zip(turns_exact, turns_binned):
+            if role == "human":
+                assert a == b
+                continue
+            boxes_a, boxes_b = text.parse_boxes(a), text.parse_boxes(b)
+            assert len(boxes_a) == len(boxes_b) and _BOX.sub("", a) == _BOX.sub("", b)
+            for box_a, box_b in zip(boxes_a, boxes_b):
+                assert box_b == tuple(v // 100 * 100 + 50 for v in box_a)
+                answer_boxes += 1
+    assert answer_boxes > 30
+    with pytest.raises(ValueError, match="box quantum"):
+        pipeline.synthetic_task(3, box_quantum=0)
 
 
 def test_bad_configuration_raises(proto):

@@ -109,6 +109,18 @@ def test_canvas_hand_cases():
     assert T.point_text((639, 0), 640, 480) == "[998, 0]"
 
 
+def test_box_quantum_writes_bin_centres():
+    assert T.box_text((10, 20, 320, 479), 640, 480, quantum=100) == "[50, 50, 550, 950]"
+    assert T.box_text((10, 20, 320, 479), 640, 480, quantum=1) == T.box_text((10, 20, 320, 479), 640, 480)
+    assert [T.quantize(t, 100) for t in (0, 99, 100, 449, 999)] == [50, 50, 150, 450, 950]
+    assert [T.quantize(t, 300) for t in (0, 899, 900, 999)] == [150, 750, 999, 999]  # the last bin's centre clamps
+    # Each quantized value lies within half a bin of the exact one: the bin centre is the value of
+    # least mean error where only the bin is known.
+    values = np.arange(T.CANVAS)
+    for q in (1, 7, 50, 100):
+        assert np.abs(np.array([T.quantize(int(v), q) for v in values]) - values).max() <= q // 2
+
+
 @pytest.mark.parametrize(
     "call",
     [
@@ -118,6 +130,9 @@ def test_canvas_hand_cases():
         lambda: T.from_canvas(-1, 10),
         lambda: T.box_text((1, 2, 3), 10, 10),
         lambda: T.point_text((1, 2, 3), 10, 10),
+        lambda: T.box_text((1, 2, 3, 4), 10, 10, quantum=0),
+        lambda: T.box_text((1, 2, 3, 4), 10, 10, quantum=1001),
+        lambda: T.quantize(5, 2.5),
     ],
 )
 def test_canvas_errors(call):
