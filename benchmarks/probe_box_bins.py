@@ -32,14 +32,17 @@ def rescore(run: str, quantum: int) -> dict:
     for row, record in zip(rows, records):
         if row["id"] != record["id"]:
             raise ValueError(f"{run}: answer {row['id']} does not match held-out record {record['id']}")
+        hits["as_written"] += row["correct"]  # the evaluation's own score of the answer
         height, width = record["image"].shape[:2]
         truth = [text.to_canvas(v, size) for v, size in zip(record["box"], (width, height) * 2)]
         answered = text.parse_boxes(row["prediction"])
-        boxes = {"binned_truth": truth} | ({"as_written": answered[0], "binned": answered[0]} if answered else {})
-        for key, box in boxes.items():
-            if key.startswith("binned"):  # values past 999 clamp first, as the evaluation's decoding does
-                box = [text.quantize(min(v, text.CANVAS - 1), quantum) for v in box]
-            hits[key] += evaluate.iou(evaluate.canvas_to_pixels(box, width, height), record["box"]) >= 0.5
+        for key, box in (("binned_truth", truth), ("binned", answered[0] if answered else None)):
+            if box is None:
+                continue
+            # values past 999 clamp first, as the evaluation's decoding does
+            binned = [text.quantize(min(v, text.CANVAS - 1), quantum) for v in box]
+            overlap = evaluate.iou(evaluate.canvas_to_pixels(binned, width, height), record["box"])
+            hits[key] += overlap >= evaluate.IOU_THRESHOLD
     return {"run": run, "answers": len(rows), **{k: v / len(rows) for k, v in hits.items()}}
 
 

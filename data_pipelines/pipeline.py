@@ -139,7 +139,7 @@ def objects_task(stage: int, grounding_share: float = GROUNDING_SHARE, box_quant
     grounding) write each coordinate as the centre of its `box_quantum`-wide bin of the 0..999
     canvas (1: exactly; `text.box_text`)."""
     _check_stage(stage)
-    text.quantize(0, box_quantum)  # validates it before any record is read
+    text.check_box_quantum(box_quantum)  # before any record is read
     if not 0.0 <= grounding_share <= 1.0:
         raise ValueError(f"grounding_share must be in [0, 1], got {grounding_share}")
 

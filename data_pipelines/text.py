@@ -84,10 +84,16 @@ def _coords_text(values: Iterable[int]) -> str:
     return "[" + ", ".join(str(v) for v in values) + "]"
 
 
-def quantize(t: int, quantum: int) -> int:
-    """Canvas integer -> the centre of its `quantum`-wide bin (clamped to 999); quantum 1 keeps it."""
+def check_box_quantum(quantum: int) -> int:
+    """A bin width of the 0..999 canvas: an int in 1..1000, else a ValueError."""
     if isinstance(quantum, bool) or not isinstance(quantum, (int, np.integer)) or not 1 <= quantum <= CANVAS:
         raise ValueError(f"box quantum must be an int in 1..{CANVAS}, got {quantum!r}")
+    return int(quantum)
+
+
+def quantize(t: int, quantum: int) -> int:
+    """Canvas integer -> the centre of its `quantum`-wide bin (clamped to 999); quantum 1 keeps it."""
+    quantum = check_box_quantum(quantum)
     return min(t // quantum * quantum + quantum // 2, CANVAS - 1)
 
 
