@@ -53,6 +53,73 @@ def test_block_causal_equals_full_causal(chunk):
         np.testing.assert_allclose(np.asarray(g_blocked), np.asarray(g_full), atol=1e-5, err_msg=f"d{name}")
 
 
+def _attention_grads(fn, q, k, v, g):
+    """(dq, dk, dv) of sum(fn(q, k, v) * g), jitted."""
+    return jax.jit(jax.grad(lambda *qkv: (fn(*qkv) * g).sum(), argnums=(0, 1, 2)))(q, k, v)
+
+
+@pytest.mark.parametrize("chunk", [0, 4])
+def test_causal_attention_row_with_no_allowed_key(chunk):
+    """The blocks' own backward (`_softmax_attention`) keeps `dot_product_attention`'s contract
+    for a query that may attend nothing: finite output (in one block, the mean of the values)
+    and no gradient through its masked logits; the other rows and all gradients as the full
+    attention's autodiff (in blocks the empty row's uniform weights cover its block's keys only,
+    so its own output and its share of dv differ from the full attention's)."""
+    q, k, v = _qkv(5, b=2, length=12, h=2, hkv=2, dh=4)
+    mask = np.tril(np.ones((12, 12), bool))[None].repeat(2, 0)
+    mask[0, 7] = False  # example 0, query 7: no key
+    mask[1, :, 0] = False  # example 1: key 0 hidden from all, so query 0 has none
+    mask = jnp.asarray(mask)
+    out = np.asarray(jax.jit(layers.causal_attention, static_argnums=4)(q, k, v, mask, chunk))
+    full_out = np.asarray(layers.dot_product_attention(q, k, v, mask))
+    assert np.isfinite(out).all()
+    if chunk == 0:
+        np.testing.assert_allclose(out[0, 7], np.asarray(v).mean(1)[0], atol=1e-6)
+        np.testing.assert_allclose(out[1, 0], np.asarray(v).mean(1)[1], atol=1e-6)
+    g = np.random.RandomState(6).randn(*q.shape).astype(np.float32)
+    g[0, 7] = g[1, 0] = 0.0  # callers ignore empty rows: their cotangent is zero
+    g = jnp.asarray(g)
+    keep = np.ones(out.shape[:2], bool)
+    keep[0, 7] = keep[1, 0] = False
+    np.testing.assert_allclose(out[keep], full_out[keep], atol=1e-6)
+    blocked = _attention_grads(lambda q, k, v: layers.causal_attention(q, k, v, mask, chunk), q, k, v, g)
+    full = _attention_grads(lambda q, k, v: layers.dot_product_attention(q, k, v, mask), q, k, v, g)
+    for name, a, b in zip("qkv", blocked, full):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, err_msg=f"d{name}")
+    # with a cotangent on the empty row: still nothing to q or k through its masked logits
+    g_empty = jnp.zeros_like(q).at[0, 7].set(1.0).at[1, 0].set(1.0)
+    dq, dk, _ = _attention_grads(lambda q, k, v: layers.causal_attention(q, k, v, mask, chunk), q, k, v, g_empty)
+    assert not np.asarray(dq).any() and not np.asarray(dk).any()
+
+
+@pytest.mark.parametrize("policy", sorted(layers.REMAT_POLICIES))
+def test_causal_attention_gradients_under_remat(policy):
+    """Under each remat policy the stacked layers use, the blocks' custom backward gives the
+    gradients it gives without remat."""
+    q, k, v = _qkv(7, b=2, length=20, h=4, hkv=2, dh=8)
+    mask = jnp.asarray(np.tril(np.ones((20, 20), bool))[None])
+    g = jnp.asarray(np.random.RandomState(8).randn(*q.shape), jnp.float32)
+    attend = lambda q, k, v: layers.causal_attention(q, k, v, mask, 8)  # noqa: E731
+    rematted = attend if layers.REMAT_POLICIES[policy] is None else jax.checkpoint(
+        attend, policy=layers.REMAT_POLICIES[policy])
+    for name, a, b in zip("qkv", _attention_grads(rematted, q, k, v, g), _attention_grads(attend, q, k, v, g)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, err_msg=f"d{name}")
+
+
+def test_causal_attention_bf16():
+    """bf16 in, bf16 out (weights and their sums in fp32 inside): close to the fp32 result, and
+    the gradients come back in bf16."""
+    q, k, v = _qkv(9, b=2, length=24, h=4, hkv=4, dh=8)
+    mask = jnp.asarray(np.tril(np.ones((24, 24), bool))[None])
+    half = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+    out = layers.causal_attention(*half, mask, 8)
+    assert out.dtype == jnp.bfloat16
+    ref = layers.dot_product_attention(q, k, v, mask)
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref), atol=3e-2)
+    grads = jax.grad(lambda *qkv: layers.causal_attention(*qkv, mask, 8).astype(jnp.float32).sum(), argnums=(0, 1, 2))(*half)
+    assert all(x.dtype == jnp.bfloat16 and np.isfinite(np.asarray(x, np.float32)).all() for x in grads)
+
+
 def test_token_cross_entropy():
     r = np.random.RandomState(3)
     logits = r.randn(2, 5, 11).astype(np.float32) * 3

@@ -226,29 +226,79 @@ def dot_product_attention(
     return jnp.einsum("bhqk,bkhd->bqhd", _masked_softmax(logits, mask, v.dtype), v)
 
 
+@jax.custom_vjp
+def _softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """softmax(q k^T, masked) v in the heads-major layout, with a backward that never reduces
+    over the `[Lq, Lk]` weights: it saves the unnormalized weights and their row sums, divides
+    the `[Lq, Dh]` output instead of the weights, and takes the softmax's backward through
+    `rowsum(dO * O)` (as FlashAttention does). The same math as `_masked_softmax` and two
+    einsums; at the demo's shapes about half the time forward + backward (BENCHMARKS.md).
+
+    Args:
+      q: `[B, H, Lq, Dh]` queries, already scaled by 1 / sqrt(Dh).
+      k, v: `[B, H, Lk, Dh]`, q's dtype.
+      mask: bool `[B or 1, Lq, Lk]`; a query with no allowed key gets the mean of the values.
+
+    Returns:
+      `[B, H, Lq, Dh]` in q's dtype. Logits, weights, their sums and the softmax's backward are
+      fp32; the matmuls take operands in q's dtype and accumulate in fp32, both ways.
+    """
+    return _softmax_attention_fwd(q, k, v, mask)[0]
+
+
+def _dot(spec: str, a: jax.Array, b: jax.Array, dtype) -> jax.Array:
+    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _softmax_attention_fwd(q, k, v, mask):
+    logits = jnp.where(mask[:, None], _dot("bhqd,bhkd->bhqk", q, k, q.dtype), jnp.finfo(jnp.float32).min)
+    weights = jnp.exp(logits - logits.max(-1, keepdims=True))  # unnormalized
+    total = weights.sum(-1, keepdims=True)  # [B, H, Lq, 1]
+    out = (_dot("bhqk,bhkd->bhqd", weights, v, q.dtype) / total).astype(q.dtype)
+    return out, (q, k, v, mask, weights, total, out)
+
+
+def _softmax_attention_bwd(residuals, grad_out):
+    q, k, v, mask, weights, total, out = residuals
+    dtype = q.dtype
+    grad_scaled = grad_out.astype(jnp.float32) / total  # dO / rowsum: the weights' normalization
+    grad_v = _dot("bhqk,bhqd->bhkd", weights, grad_scaled, dtype)
+    grad_weights = _dot("bhqd,bhkd->bhqk", grad_scaled, v, dtype)
+    # softmax backward: dS = P * (dP - rowsum(P * dP)), and rowsum(P * dP) = rowsum(dO * O).
+    delta = (grad_scaled * out.astype(jnp.float32)).sum(-1, keepdims=True)
+    # Masked keys get no gradient (as through `where`), also in a row with no allowed key.
+    grad_logits = jnp.where(mask[:, None], weights * (grad_weights - delta), 0.0)
+    grad_q = _dot("bhqk,bhkd->bhqd", grad_logits, k, dtype)
+    grad_k = _dot("bhqk,bhqd->bhkd", grad_logits, q, dtype)
+    return grad_q.astype(dtype), grad_k.astype(dtype), grad_v.astype(dtype), None
+
+
+_softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
+
+
 def causal_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, chunk: int
 ) -> jax.Array:
     """`dot_product_attention` for causal self-attention (Lq == Lk, query i at key slot i) that
     skips the all-masked upper blocks: query rows go in chunks of `chunk`, each attending only
-    to the keys up to its last row. Same result, about half the attention FLOPs at long L.
+    to the keys up to its last row. Same result, about half the attention FLOPs at long L; each
+    block through `_softmax_attention`.
 
     Shapes as in `dot_product_attention`; `mask` `[B or 1, L, L]`. chunk <= 0 or >= L: one block.
     """
     length, dh = q.shape[1], q.shape[3]
     if chunk <= 0 or chunk >= length:
-        return dot_product_attention(q, k, v, mask)
+        chunk = length
     k, v = _shared_kv(q, k, v)
     # Heads-major once for all chunks: each chunk's dots in the `[B, L, H, Dh]` layout made XLA:CPU
     # transpose its query rows and all its keys and values again, forward and backward (at the
     # demo's shapes the attention took ~1.7x as long; BENCHMARKS.md).
     q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # [B, H, L, Dh]
+    q = q * jnp.asarray(1.0 / np.sqrt(dh), q.dtype)
     outs = []
     for start in range(0, length, chunk):
         end = min(start + chunk, length)
-        logits = jnp.einsum("bhqd,bhkd->bhqk", q[:, :, start:end], k[:, :, :end], preferred_element_type=jnp.float32)
-        weights = _masked_softmax(logits * (1.0 / np.sqrt(dh)), mask[:, start:end, :end], v.dtype)
-        outs.append(jnp.einsum("bhqk,bhkd->bhqd", weights, v[:, :, :end]))
+        outs.append(_softmax_attention(q[:, :, start:end], k[:, :, :end], v[:, :, :end], mask[:, start:end, :end]))
     return jnp.concatenate(outs, axis=2).transpose(0, 2, 1, 3)
 
 
