@@ -92,32 +92,35 @@ def test_causal_attention_row_with_no_allowed_key(chunk):
     assert not np.asarray(dq).any() and not np.asarray(dk).any()
 
 
-@pytest.mark.parametrize("policy", sorted(layers.REMAT_POLICIES))
+@pytest.mark.parametrize("policy", sorted(p for p, fn in layers.REMAT_POLICIES.items() if fn is not None))
 def test_causal_attention_gradients_under_remat(policy):
     """Under each remat policy the stacked layers use, the blocks' custom backward gives the
-    gradients it gives without remat."""
+    full attention's autodiff gradients."""
     q, k, v = _qkv(7, b=2, length=20, h=4, hkv=2, dh=8)
     mask = jnp.asarray(np.tril(np.ones((20, 20), bool))[None])
     g = jnp.asarray(np.random.RandomState(8).randn(*q.shape), jnp.float32)
-    attend = lambda q, k, v: layers.causal_attention(q, k, v, mask, 8)  # noqa: E731
-    rematted = attend if layers.REMAT_POLICIES[policy] is None else jax.checkpoint(
-        attend, policy=layers.REMAT_POLICIES[policy])
-    for name, a, b in zip("qkv", _attention_grads(rematted, q, k, v, g), _attention_grads(attend, q, k, v, g)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, err_msg=f"d{name}")
+    rematted = jax.checkpoint(lambda q, k, v: layers.causal_attention(q, k, v, mask, 8), policy=layers.REMAT_POLICIES[policy])
+    full = _attention_grads(lambda q, k, v: layers.dot_product_attention(q, k, v, mask), q, k, v, g)
+    for name, a, b in zip("qkv", _attention_grads(rematted, q, k, v, g), full):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, err_msg=f"d{name}")
 
 
 def test_causal_attention_bf16():
-    """bf16 in, bf16 out (weights and their sums in fp32 inside): close to the fp32 result, and
-    the gradients come back in bf16."""
+    """bf16 in, bf16 out and bf16 gradients (weights, their sums and the softmax backward in
+    fp32 inside), all within bf16 rounding of the fp32 attention's."""
     q, k, v = _qkv(9, b=2, length=24, h=4, hkv=4, dh=8)
     mask = jnp.asarray(np.tril(np.ones((24, 24), bool))[None])
+    g = jnp.asarray(np.random.RandomState(10).randn(*q.shape), jnp.float32)
     half = [x.astype(jnp.bfloat16) for x in (q, k, v)]
     out = layers.causal_attention(*half, mask, 8)
     assert out.dtype == jnp.bfloat16
-    ref = layers.dot_product_attention(q, k, v, mask)
-    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref), atol=3e-2)
-    grads = jax.grad(lambda *qkv: layers.causal_attention(*qkv, mask, 8).astype(jnp.float32).sum(), argnums=(0, 1, 2))(*half)
-    assert all(x.dtype == jnp.bfloat16 and np.isfinite(np.asarray(x, np.float32)).all() for x in grads)
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(layers.dot_product_attention(q, k, v, mask)), atol=3e-2)
+    grads = _attention_grads(lambda q, k, v: layers.causal_attention(q, k, v, mask, 8).astype(jnp.float32), *half, g)
+    full = _attention_grads(lambda q, k, v: layers.dot_product_attention(q, k, v, mask), q, k, v, g)
+    for name, a, b in zip("qkv", grads, full):
+        assert a.dtype == jnp.bfloat16, name
+        err = np.abs(np.asarray(a, np.float32) - np.asarray(b)).max()
+        assert err <= 0.03 * np.abs(np.asarray(b)).max(), f"d{name}: {err}"
 
 
 def test_token_cross_entropy():

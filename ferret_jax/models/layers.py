@@ -281,8 +281,9 @@ def causal_attention(
 ) -> jax.Array:
     """`dot_product_attention` for causal self-attention (Lq == Lk, query i at key slot i) that
     skips the all-masked upper blocks: query rows go in chunks of `chunk`, each attending only
-    to the keys up to its last row. Same result, about half the attention FLOPs at long L; each
-    block through `_softmax_attention`.
+    to the keys up to its last row. Same result (except in a row with no allowed key: the mean
+    of its block's keys' values), about half the attention FLOPs at long L; each block through
+    `_softmax_attention`.
 
     Shapes as in `dot_product_attention`; `mask` `[B or 1, L, L]`. chunk <= 0 or >= L: one block.
     """
