@@ -54,10 +54,10 @@ TINY = dict(
 # against 0.56, mean of four seeds; DEMO_RUNS.md) for ~1 minute more of the demo. The few layers
 # run unrolled (`scan_unroll`): about 7% faster a step on CPU (BENCHMARKS.md). The decoder's causal
 # attention goes in query blocks of 96 rows, 3 at stage III's 284 tokens: with the heads-major
-# blocks, a stage-III step ~3% faster than with 64 rows (BENCHMARKS.md). The decoder's 128 wide
-# attention is cut in 8 heads of 16, not 4 of 32 (the same parameters): four seeds ground at
-# Acc@0.5 0.505-0.565 instead of 0.490-0.535, and refer 0.95-0.985 instead of 0.89-0.98, for a
-# stage-III step ~1.2x as long (DEMO_RUNS.md).
+# blocks, a stage-III step ~3% faster than with 64 rows (~4% with the blocks' own backward;
+# BENCHMARKS.md). The decoder's 128 wide attention is cut in 8 heads of 16, not 4 of 32 (the same
+# parameters): four seeds ground at Acc@0.5 0.505-0.565 instead of 0.490-0.535, and refer
+# 0.95-0.985 instead of 0.89-0.98, for a stage-III step ~1.2x as long (DEMO_RUNS.md).
 DEMO = dict(
     clip=ClipConfig(image_size=64, patch_size=8, hidden_size=128, num_layers=2, num_heads=4, mlp_dim=256, select_layer=-1,
                     scan_unroll=2),
