@@ -232,7 +232,7 @@ def _softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
     over the `[Lq, Lk]` weights: it saves the unnormalized weights and their row sums, divides
     the `[Lq, Dh]` output instead of the weights, and takes the softmax's backward through
     `rowsum(dO * O)` (as FlashAttention does). The same math as `_masked_softmax` and two
-    einsums; at the demo's shapes about half the time forward + backward (BENCHMARKS.md).
+    einsums; at the demo's shapes about two thirds of its time forward + backward (BENCHMARKS.md).
 
     Args:
       q: `[B, H, Lq, Dh]` queries, already scaled by 1 / sqrt(Dh).
