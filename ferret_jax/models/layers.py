@@ -227,50 +227,59 @@ def dot_product_attention(
 
 
 @jax.custom_vjp
-def _softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def _softmax_attention(q: jax.Array, kt: jax.Array, vt: jax.Array, mask: jax.Array) -> jax.Array:
     """softmax(q k^T, masked) v in the heads-major layout, with a backward that never reduces
     over the `[Lq, Lk]` weights: it saves the unnormalized weights and their row sums, divides
     the `[Lq, Dh]` output instead of the weights, and takes the softmax's backward through
     `rowsum(dO * O)` (as FlashAttention does). The same math as `_masked_softmax` and two
-    einsums; at the demo's shapes about two thirds of its time forward + backward (BENCHMARKS.md).
+    einsums; at the demo's shapes ~0.4x their autodiff's time forward + backward (BENCHMARKS.md).
+
+    Keys and values come transposed, `[Dh, Lk]` per head, so that the backward's dK^T = Q^T dS
+    and dV^T = dO^T P come out in their own layout, with the `[Lq, Lk]` operand on the right;
+    written for `[Lk, Dh]` it is a transposed left operand, and XLA:CPU's batched matmuls ran
+    ~1.8x as long (at the demo's shapes).
+    The mask enters the forward as an additive bias (0 or the fp32 minimum) that fuses into the
+    logits' matmul; `where(mask, logits, min)` would be one more pass over `[Lq, Lk]`, and both
+    give the same logits (adding the minimum to any logit under ~1e31 rounds to the minimum).
 
     Args:
       q: `[B, H, Lq, Dh]` queries, already scaled by 1 / sqrt(Dh).
-      k, v: `[B, H, Lk, Dh]`, q's dtype.
+      kt, vt: `[B, H, Dh, Lk]` keys and values, transposed; q's dtype.
       mask: bool `[B or 1, Lq, Lk]`; a query with no allowed key gets the mean of the values.
 
     Returns:
       `[B, H, Lq, Dh]` in q's dtype. Logits, weights, their sums and the softmax's backward are
       fp32; the matmuls take operands in q's dtype and accumulate in fp32, both ways.
     """
-    return _softmax_attention_fwd(q, k, v, mask)[0]
+    return _softmax_attention_fwd(q, kt, vt, mask)[0]
 
 
 def _dot(spec: str, a: jax.Array, b: jax.Array, dtype) -> jax.Array:
     return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
 
 
-def _softmax_attention_fwd(q, k, v, mask):
-    logits = jnp.where(mask[:, None], _dot("bhqd,bhkd->bhqk", q, k, q.dtype), jnp.finfo(jnp.float32).min)
+def _softmax_attention_fwd(q, kt, vt, mask):
+    bias = jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)[:, None]  # [B or 1, 1, Lq, Lk]
+    logits = _dot("bhqd,bhdk->bhqk", q, kt, q.dtype) + bias
     weights = jnp.exp(logits - logits.max(-1, keepdims=True))  # unnormalized
     total = weights.sum(-1, keepdims=True)  # [B, H, Lq, 1]
-    out = (_dot("bhqk,bhkd->bhqd", weights, v, q.dtype) / total).astype(q.dtype)
-    return out, (q, k, v, mask, weights, total, out)
+    out = (_dot("bhqk,bhdk->bhqd", weights, vt, q.dtype) / total).astype(q.dtype)
+    return out, (q, kt, vt, mask, weights, total, out)
 
 
 def _softmax_attention_bwd(residuals, grad_out):
-    q, k, v, mask, weights, total, out = residuals
+    q, kt, vt, mask, weights, total, out = residuals
     dtype = q.dtype
     grad_scaled = grad_out.astype(jnp.float32) / total  # dO / rowsum: the weights' normalization
-    grad_v = _dot("bhqk,bhqd->bhkd", weights, grad_scaled, dtype)
-    grad_weights = _dot("bhqd,bhkd->bhqk", grad_scaled, v, dtype)
+    grad_vt = _dot("bhqd,bhqk->bhdk", grad_scaled, weights, dtype)
+    grad_weights = _dot("bhqd,bhdk->bhqk", grad_scaled, vt, dtype)
     # softmax backward: dS = P * (dP - rowsum(P * dP)), and rowsum(P * dP) = rowsum(dO * O).
     delta = (grad_scaled * out.astype(jnp.float32)).sum(-1, keepdims=True)
     # Masked keys get no gradient (as through `where`), also in a row with no allowed key.
     grad_logits = jnp.where(mask[:, None], weights * (grad_weights - delta), 0.0)
-    grad_q = _dot("bhqk,bhkd->bhqd", grad_logits, k, dtype)
-    grad_k = _dot("bhqk,bhqd->bhkd", grad_logits, q, dtype)
-    return grad_q.astype(dtype), grad_k.astype(dtype), grad_v.astype(dtype), None
+    grad_q = _dot("bhqk,bhdk->bhqd", grad_logits, kt, dtype)
+    grad_kt = _dot("bhqd,bhqk->bhdk", q, grad_logits, dtype)
+    return grad_q.astype(dtype), grad_kt.astype(dtype), grad_vt.astype(dtype), None
 
 
 _softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
@@ -294,12 +303,12 @@ def causal_attention(
     # Heads-major once for all chunks: each chunk's dots in the `[B, L, H, Dh]` layout made XLA:CPU
     # transpose its query rows and all its keys and values again, forward and backward (at the
     # demo's shapes the attention took ~1.7x as long; BENCHMARKS.md).
-    q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # [B, H, L, Dh]
-    q = q * jnp.asarray(1.0 / np.sqrt(dh), q.dtype)
+    q = q.transpose(0, 2, 1, 3) * jnp.asarray(1.0 / np.sqrt(dh), q.dtype)  # [B, H, L, Dh]
+    kt, vt = (x.transpose(0, 2, 3, 1) for x in (k, v))  # [B, H, Dh, L]
     outs = []
     for start in range(0, length, chunk):
         end = min(start + chunk, length)
-        outs.append(_softmax_attention(q[:, :, start:end], k[:, :, :end], v[:, :, :end], mask[:, start:end, :end]))
+        outs.append(_softmax_attention(q[:, :, start:end], kt[..., :end], vt[..., :end], mask[:, start:end, :end]))
     return jnp.concatenate(outs, axis=2).transpose(0, 2, 1, 3)
 
 
