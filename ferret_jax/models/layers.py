@@ -238,9 +238,9 @@ def _softmax_attention(q: jax.Array, kt: jax.Array, vt: jax.Array, mask: jax.Arr
     and dV^T = dO^T P come out in their own layout, with the `[Lq, Lk]` operand on the right;
     written for `[Lk, Dh]` it is a transposed left operand, and XLA:CPU's batched matmuls ran
     ~1.8x as long (at the demo's shapes).
-    The mask enters the forward as an additive bias (0 or the fp32 minimum) that fuses into the
-    logits' matmul; `where(mask, logits, min)` would be one more pass over `[Lq, Lk]`, and both
-    give the same logits (adding the minimum to any logit under ~1e31 rounds to the minimum).
+    The mask enters the forward as an additive bias (0 or the fp32 minimum), which XLA:CPU fuses
+    into the logits' matmul; `where(mask, logits, min)` was one more pass over `[Lq, Lk]` there,
+    and both give the same logits (adding the minimum to any logit under ~1e31 rounds to it).
 
     Args:
       q: `[B, H, Lq, Dh]` queries, already scaled by 1 / sqrt(Dh).
